@@ -1,0 +1,112 @@
+// Op 3 (quantized linear) and op 4 (quantized attention matmuls): plain loops with int32
+// accumulators and the float epilogue of kernels.h, in exactly that order.
+#include <cstring>
+
+#include "../variants.h"
+
+namespace tfqat {
+namespace ref {
+
+size_t w4_packed_size(int N, int K) { return static_cast<size_t>(N) * ((K + 1) / 2); }
+void w4_pack(const void* canonical, int N, int K, void* packed) {
+  std::memcpy(packed, canonical, w4_packed_size(N, K));
+}
+size_t w8_packed_size(int N, int K) { return static_cast<size_t>(N) * K; }
+void w8_pack(const void* canonical, int N, int K, void* packed) {
+  std::memcpy(packed, canonical, w8_packed_size(N, K));
+}
+
+namespace {
+inline float epilogue(int32_t acc, float xs, float ws, const float* bias, int n) {
+  const float y = static_cast<float>(acc) * (xs * ws);
+  return bias ? y + bias[n] : y;
+}
+}  // namespace
+
+void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                const void* w_packed, const float* ws, const float* bias, int N, float* y) {
+  const uint8_t* w = static_cast<const uint8_t*>(w_packed);
+  const size_t stride = static_cast<size_t>((K + 1) / 2);
+  for (int t = 0; t < T; ++t) {
+    const int8_t* xr = x + static_cast<size_t>(t) * K;
+    for (int n = 0; n < N; ++n) {
+      const uint8_t* wr = w + n * stride;
+      int32_t acc = 0;
+      for (int k = 0; k < K; ++k) acc += xr[k] * int4_at(wr, k);
+      y[static_cast<size_t>(t) * N + n] = epilogue(acc, xs[t], ws[n], bias, n);
+    }
+  }
+}
+
+void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                const void* w_packed, const float* ws, const float* bias, int N, float* y) {
+  const int8_t* w = static_cast<const int8_t*>(w_packed);
+  for (int t = 0; t < T; ++t) {
+    const int8_t* xr = x + static_cast<size_t>(t) * K;
+    for (int n = 0; n < N; ++n) {
+      const int8_t* wr = w + static_cast<size_t>(n) * K;
+      int32_t acc = 0;
+      for (int k = 0; k < K; ++k) acc += xr[k] * wr[k];
+      y[static_cast<size_t>(t) * N + n] = epilogue(acc, xs[t], ws[n], bias, n);
+    }
+  }
+}
+
+namespace {
+// Element d of cached row s of kv head g, for either cache layout.
+inline int kv_at(const void* cache, int kv_bits, int g, int s, int s_cap, int D, int d) {
+  const size_t row = static_cast<size_t>(g) * s_cap + s;
+  if (kv_bits == 4) {
+    return int4_at(static_cast<const uint8_t*>(cache) + row * ((D + 1) / 2), d);
+  }
+  return static_cast<const int8_t*>(cache)[row * D + d];
+}
+}  // namespace
+
+void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits,
+             const float* ks, int Hkv, int S, int s_cap, float* scores) {
+  const int group = H / Hkv;
+  for (int h = 0; h < H; ++h) {
+    const int g = h / group;
+    for (int t = 0; t < T; ++t) {
+      const int8_t* qr = q + (static_cast<size_t>(h) * T + t) * D;
+      float* out = scores + (static_cast<size_t>(h) * T + t) * S;
+      for (int s = 0; s < S; ++s) {
+        int32_t acc = 0;
+        for (int d = 0; d < D; ++d) acc += qr[d] * kv_at(k, kv_bits, g, s, s_cap, D, d);
+        out[s] = static_cast<float>(acc) * (qs[t] * ks[s]);
+      }
+    }
+  }
+}
+
+// With v_rowbits == nullptr every row is group 0 and out = (float)acc8 * (ps * vs[0]) alone
+// (vs[1] is not read).
+void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits,
+             const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D, float* out) {
+  const int group = H / Hkv;
+  for (int h = 0; h < H; ++h) {
+    const int g = h / group;
+    for (int t = 0; t < T; ++t) {
+      const uint8_t* pr = p + (static_cast<size_t>(h) * T + t) * S;
+      float* o = out + (static_cast<size_t>(h) * T + t) * D;
+      for (int d = 0; d < D; ++d) {
+        int32_t acc8 = 0, acc4 = 0;
+        for (int s = 0; s < S; ++s) {
+          const int32_t prod = pr[s] * kv_at(v, kv_bits, g, s, s_cap, D, d);
+          if (v_rowbits && v_rowbits[s] == 4) {
+            acc4 += prod;
+          } else {
+            acc8 += prod;
+          }
+        }
+        o[d] = v_rowbits ? static_cast<float>(acc8) * (ps * vs[0]) +
+                               static_cast<float>(acc4) * (ps * vs[1])
+                         : static_cast<float>(acc8) * (ps * vs[0]);
+      }
+    }
+  }
+}
+
+}  // namespace ref
+}  // namespace tfqat

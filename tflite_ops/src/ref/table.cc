@@ -1,0 +1,31 @@
+// The reference table and isa_name.
+#include "../variants.h"
+
+namespace tfqat {
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kRef: return "ref";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvxVnni: return "avxvnni";
+    case Isa::kAvx512Vnni: return "avx512vnni";
+    case Isa::kNeon: return "neon";
+    case Isa::kNeonDot: return "neondot";
+    case Isa::kNeonI8mm: return "i8mm";
+  }
+  return "unknown";
+}
+
+namespace ref {
+
+const KernelTable* table() {
+  static const KernelTable kTable = {
+      Isa::kRef,      quantize_rows,   w4_packed_size, w4_pack,  qlinear_w4,      w8_packed_size,
+      w8_pack,        qlinear_w8,      attn_qk,        attn_pv,  f32_packed_size, f32_pack,
+      gemm_f32,       f16_packed_size, f16_pack,       gemm_f16,
+  };
+  return &kTable;
+}
+
+}  // namespace ref
+}  // namespace tfqat

@@ -1,0 +1,110 @@
+"""The stages of a run, in data-flow order: data -> FP teacher -> (QAT) -> evaluation -> report.
+
+Each stage writes into ``runs/<name>/<stage>/`` and is skipped when its final artefact exists
+for the same inputs (a fingerprint of the config sections it depends on), so the default job is
+resumable stage by stage and a cached teacher is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .cli import UserError
+from .config import RunConfig, config_to_dict
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _claim_stage_dir(stage_dir: Path, fp: str, what: str) -> None:
+    """Refuse to mix two different configs' state in one folder (resume must mean same inputs)."""
+    marker = stage_dir / "fingerprint.json"
+    if marker.is_file():
+        old = json.loads(marker.read_text()).get("fingerprint")
+        if old != fp:
+            raise UserError(f"{stage_dir} holds a {what} trained with a different config; "
+                            f"use --name for a new run or delete that folder")
+    else:
+        write_json_atomic(marker, {"fingerprint": fp})
+
+
+def load_data(cfg: RunConfig, progress: bool = True):
+    from .data import prepare_data
+
+    return prepare_data(cfg.data, cfg.model.vocab_size, progress)
+
+
+def teacher_path(cfg: RunConfig) -> Path:
+    return cfg.run_dir / "fp" / "teacher.weights.h5"
+
+
+def build_fp_model(cfg: RunConfig):
+    from .models import build_model
+
+    model = build_model(cfg.model, name="teacher")
+    import numpy as np
+
+    model(np.zeros((1, 2), np.int32))  # create variables
+    return model
+
+
+def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]:
+    """Train (or reuse) the full-precision teacher. Returns (model, stage result dict)."""
+    from .data import train_dataset
+    from .training import lm_loss, save_weights_atomic, seed_everything, train_loop
+
+    stage = cfg.run_dir / "fp"
+    fp = fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), cfg.data.seq_len, data.key)
+    _claim_stage_dir(stage, fp, "teacher")
+    result_path = stage / "result.json"
+    seed_everything(cfg.train.seed)
+    model = build_fp_model(cfg)
+    if teacher_path(cfg).is_file() and result_path.is_file():
+        model.load_weights(str(teacher_path(cfg)))
+        return model, {**json.loads(result_path.read_text()), "reused": True}
+    t = cfg.train
+    res = train_loop(
+        stage, model, lm_loss(model),
+        lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
+        t, t.steps, t.batch_size * cfg.data.seq_len, desc="FP teacher", progress=progress,
+    )
+    save_weights_atomic(model, teacher_path(cfg))
+    result = {"steps": res.steps, "final_loss": res.final_loss, "tokens_per_s": res.tokens_per_s,
+              "wall_s": res.wall_s, "resumed_from": res.resumed_from,
+              "params": int(sum(int(v.numpy().size) for v in model.weights)),
+              "tokens_seen": res.steps * t.batch_size * cfg.data.seq_len}
+    write_json_atomic(result_path, result)
+    return model, {**result, "reused": False}
+
+
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | None, output: str | None, progress: bool = True) -> dict:
+    """``python -m tfqat.evaluate``: score a saved FP model (default: the run's teacher)."""
+    from .evaluate import evaluate_model, keras_logprob_fn
+
+    path = Path(checkpoint) if checkpoint else teacher_path(cfg)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; train first with python -m tfqat.train "
+                        f"--config {cfg.name} or pass --checkpoint")
+    data = load_data(cfg, progress)
+    model = build_fp_model(cfg)
+    try:
+        model.load_weights(str(path))
+    except Exception as e:  # keras raises several types for a mismatched file
+        raise UserError(f"{path}: cannot load into a {cfg.model.arch} model of this config "
+                        f"({type(e).__name__}); check --config") from None
+    result = evaluate_model(keras_logprob_fn(model), data, cfg, progress)
+    write_json_atomic(Path(output) if output else cfg.run_dir / "eval_fp.json", result)
+    return result

@@ -1,0 +1,105 @@
+"""Run reports a user can paste: ``report.md`` (tables), ``report.json`` (everything) and plots.
+
+Every file is written to a temporary name and renamed, so a report on disk is always whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def results_table(rows: list[dict]) -> str:
+    """Markdown table: method, held-out perplexity (and ratio to FP), BLiMP overall, size."""
+    fp = next((r["perplexity"] for r in rows if r.get("method") == "FP"), None)
+    lines = ["| method | recipe | perplexity | x FP | BLiMP overall | size (MB) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = r["perplexity"] / fp if fp and r.get("perplexity") else None
+        blimp = 100 * r["blimp"] if r.get("blimp") is not None else None
+        lines.append(f"| {r['method']} | {r.get('recipe', 'fp32')} | {_fmt(r.get('perplexity'), '.3f')} | "
+                     f"{_fmt(ratio, '.3f')} | {_fmt(blimp, '.1f')} | {_fmt(r.get('size_mb'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+
+def plot_losses(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, rows in curves.items():
+        if rows:
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_fig(fig, path)
+
+
+def plot_perplexity(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("perplexity")]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    labels = [f"{r['method']}\n{r.get('recipe', '')}".strip() for r in rows]
+    bars = ax.bar(range(len(rows)), [r["perplexity"] for r in rows], color="#4c72b0")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_title("Perplexity per method")
+    ax.grid(axis="y", alpha=0.3)
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(run_dir: Path, title: str, rows: list[dict], sections: dict[str, str],
+                 curves: dict[str, list[dict]], extra: dict) -> dict:
+    """Write report.md / report.json / loss_curves.png / perplexity.png; returns the paths."""
+    plot_losses(curves, run_dir / "loss_curves.png")
+    plot_perplexity(rows, run_dir / "perplexity.png")
+    md = [f"# {title}", "", results_table(rows), ""]
+    for head, body in sections.items():
+        md += [f"## {head}", "", body, ""]
+    md += ["![loss curves](loss_curves.png)", "", "![perplexity](perplexity.png)", ""]
+    _atomic_write_text(run_dir / "report.md", "\n".join(md))
+    _atomic_write_text(run_dir / "report.json", json.dumps({"title": title, "rows": rows, **extra}, indent=1))
+    return {k: str(run_dir / k) for k in ("report.md", "report.json", "loss_curves.png", "perplexity.png")}

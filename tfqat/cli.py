@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
 import yaml
 
 from .config import ConfigError, RunConfig, load_config
+
+# Command-line runs only (not library imports): keep TensorFlow's C++ start-up chatter out of the way.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 class UserError(ValueError):

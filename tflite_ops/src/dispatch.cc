@@ -38,6 +38,7 @@ Features detect() {
   if (!__get_cpuid_count(1, 0, &a, &b, &c, &d)) return f;
   const bool osxsave = c & (1u << 27), avx = c & (1u << 28);
   f.f16c = c & (1u << 29);
+  const bool fma = c & (1u << 12);
   if (!osxsave || !avx) return f;
   const uint64_t xcr0 = xgetbv0();
   const bool os_avx = (xcr0 & 0x6) == 0x6;         // XMM + YMM state
@@ -46,7 +47,7 @@ Features detect() {
   unsigned a7 = 0, b7 = 0, c7 = 0, d7 = 0, a71 = 0, b71 = 0, c71 = 0, d71 = 0;
   __get_cpuid_count(7, 0, &a7, &b7, &c7, &d7);
   if (a7 >= 1) __get_cpuid_count(7, 1, &a71, &b71, &c71, &d71);
-  f.avx2 = (b7 & (1u << 5)) && f.f16c;
+  f.avx2 = (b7 & (1u << 5)) && f.f16c && fma;
   f.avxvnni = f.avx2 && (a71 & (1u << 4));
   const bool avx512fbwvl = (b7 & (1u << 16)) && (b7 & (1u << 30)) && (b7 & (1u << 31));
   f.avx512vnni = f.avx2 && os_avx512 && avx512fbwvl && (c7 & (1u << 11));
@@ -72,7 +73,7 @@ constexpr Isa kAllIsas[] = {Isa::kRef,  Isa::kAvx2,    Isa::kAvxVnni,  Isa::kAvx
 
 const char* missing_what(Isa isa) {
   switch (isa) {
-    case Isa::kAvx2: return "AVX2 + F16C";
+    case Isa::kAvx2: return "AVX2 + FMA + F16C";
     case Isa::kAvxVnni: return "AVX-VNNI";
     case Isa::kAvx512Vnni: return "AVX-512 VNNI";
     case Isa::kNeon: return "AArch64 NEON";

@@ -123,9 +123,10 @@ int main() {
       ++cases;
     }
     // Accumulator bound: K = 16384 with every product at its extreme (see README).
+    // N = 67: a full 64-row panel plus a partial one; T = 5: a 4-token tile plus a tail.
     for (Fill f : {Fill::kMin, Fill::kMax, Fill::kMinMax}) {
       for (int T : {1, 5}) {
-        Case c = make(r, T, 16384, 19, wbits, f, Fill::kMin);
+        Case c = make(r, T, 16384, 67, wbits, f, f == Fill::kMax ? Fill::kMax : Fill::kMin);
         for (auto& b : c.bits) b = 8;
         for (auto& v : c.x) v = f == Fill::kMax ? 127 : -128;
         c.bits_null = false;

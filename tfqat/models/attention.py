@@ -27,7 +27,7 @@ def causal_mask(t):
 
 
 class Attention(keras.layers.Layer):
-    """Self-attention: ``attn_in -> q/k/v_proj -> (RoPE) -> q, k -> softmax -> probs -> @ v -> o_proj``.
+    """Self-attention: attn_in -> q/k/v_proj -> (RoPE) -> q, k -> softmax -> probs -> @v -> o_proj.
 
     Args:
         cfg: model config (hidden, heads, kv heads, layers for the output init, RoPE settings).

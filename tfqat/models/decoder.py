@@ -26,6 +26,9 @@ def _delegate(owner: str, attr: str):
 class DecoderBlock(keras.layers.Layer):
     """``x + attn(attn_norm(x))``, then ``x + mlp(mlp_norm(x))``.
 
+    Dropout (``cfg.dropout``, training only) acts on both residual branches and, in the model, on
+    the embeddings; not on the attention probabilities, which are a quantization point.
+
     Args:
         cfg: model config.
         norm_cls: norm layer class, called as ``norm_cls(eps, name=...)``.
@@ -34,8 +37,13 @@ class DecoderBlock(keras.layers.Layer):
     """
 
     POINTS = ("attn_in", "q", "k", "v", "probs", "mlp_in", "mlp_act")
-    attn_in, q, k, v, probs = (_delegate("attn", p) for p in POINTS[:5])
-    mlp_in, mlp_act = (_delegate("mlp", p) for p in POINTS[5:])
+    attn_in = _delegate("attn", "attn_in")  # (B, T, C) after attn_norm
+    q = _delegate("attn", "q")  # (B, H, T, D) after RoPE
+    k = _delegate("attn", "k")  # (B, K, T, D) after RoPE; the KV cache's K
+    v = _delegate("attn", "v")  # (B, K, T, D)
+    probs = _delegate("attn", "probs")  # (B, H, T, S) softmax, unsigned
+    mlp_in = _delegate("mlp", "mlp_in")  # (B, T, C) after mlp_norm
+    mlp_act = _delegate("mlp", "mlp_act")  # (B, T, F) before down_proj / fc_out
 
     def __init__(self, cfg: ModelConfig, norm_cls, mlp_cls, rotary: bool, use_bias: bool, **kwargs):
         super().__init__(**kwargs)
@@ -67,8 +75,9 @@ class DecoderBlock(keras.layers.Layer):
 class CausalLM(keras.Model):
     """Token embedding -> blocks -> final norm -> lm head; subclasses choose the parts.
 
-    Subclasses set ``norm_cls``, ``mlp_cls``, ``rotary``, ``use_bias`` and may override
-    :meth:`embed` (GPT-2 adds learned positions) and :meth:`param_count`.
+    Subclasses set ``norm_cls``, ``mlp_cls``, ``rotary`` (RoPE in attention),
+    ``learned_positions`` (GPT-2's position table), ``use_bias`` and implement
+    :meth:`param_count`.
 
     Args:
         config: the :class:`~tfqat.config.ModelConfig` (also ``model.config``); ``get_config``
@@ -81,6 +90,7 @@ class CausalLM(keras.Model):
     norm_cls: type
     mlp_cls: type
     rotary: bool
+    learned_positions: bool
     use_bias: bool
 
     def __init__(self, config: ModelConfig, name: str | None = None, **kwargs):
@@ -90,9 +100,19 @@ class CausalLM(keras.Model):
         self.embed_tokens = keras.layers.Embedding(
             config.vocab_size, config.hidden, embeddings_initializer=init, name="embed_tokens"
         )
+        self.embed_positions = (
+            keras.layers.Embedding(
+                config.max_positions, config.hidden, embeddings_initializer=init,
+                name="embed_positions",
+            )
+            if self.learned_positions
+            else None
+        )
+        parts = dict(
+            norm_cls=self.norm_cls, mlp_cls=self.mlp_cls, rotary=self.rotary, use_bias=self.use_bias
+        )
         self.blocks = [
-            DecoderBlock(config, self.norm_cls, self.mlp_cls, self.rotary, self.use_bias, name=f"block_{i}")
-            for i in range(config.layers)
+            DecoderBlock(config, **parts, name=f"block_{i}") for i in range(config.layers)
         ]
         self.final_norm = self.norm_cls(config.norm_eps, name="final_norm")
         self.lm_head = None if config.tie_embeddings else Linear(config.vocab_size, name="lm_head")
@@ -102,7 +122,10 @@ class CausalLM(keras.Model):
     # -- length check: one line, before Keras wraps errors raised inside call() ------------------
     def check_length(self, tokens) -> None:
         """Raise a one-line ValueError when the static sequence length exceeds max_positions."""
-        t = tokens.shape[1] if len(getattr(tokens, "shape", ())) > 1 else None
+        try:
+            t = tokens.shape[1]
+        except (AttributeError, IndexError, TypeError, ValueError):  # no / unknown-rank shape
+            t = None
         if t is not None and t > self.config.max_positions:
             raise ValueError(
                 f"sequence length {t} exceeds model.max_positions {self.config.max_positions}; "
@@ -115,8 +138,11 @@ class CausalLM(keras.Model):
 
     # -- forward ----------------------------------------------------------------------------
     def embed(self, tokens):
-        """``tokens (B, T)`` -> ``(B, T, C)``."""
-        return self.embed_tokens(tokens)
+        """``tokens (B, T)`` -> ``(B, T, C)``, plus learned positions ``0..T-1`` (GPT-2)."""
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(tf.range(tf.shape(tokens)[1]))  # + (T, C) over B
+        return x
 
     def logits(self, h):
         """``h (B, T, C)`` -> ``(B, T, V)``; tied: ``h @ embedding^T``."""
@@ -146,7 +172,8 @@ class CausalLM(keras.Model):
         if tokens.shape[1] is None:
             tf.debugging.assert_less_equal(
                 tf.shape(tokens)[1], self.config.max_positions,
-                message="sequence length exceeds model.max_positions; shorten the input or raise max_positions",
+                message="sequence length exceeds model.max_positions; "
+                "shorten the input or raise max_positions",
             )
         x = self.dropout(self.embed(tokens), training=training)  # (B, T, C)
         bits = None if token_bits is None else tf.fill(tf.shape(tokens)[:2], 8)  # layer 0: 8-bit

@@ -7,11 +7,9 @@ LLaMA; importers split ``c_attn`` into them.
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from tfqat.config import ModelConfig
 from tfqat.models.decoder import CausalLM
-from tfqat.models.linear import INIT_STD
 from tfqat.models.mlp import GeluMLP
 from tfqat.models.norms import LayerNorm
 
@@ -23,17 +21,8 @@ class GPT2Model(CausalLM):
     norm_cls = LayerNorm
     mlp_cls = GeluMLP
     rotary = False
+    learned_positions = True
     use_bias = True
-
-    def __init__(self, config: ModelConfig, name: str | None = None, **kwargs):
-        # Created before super().__init__ builds the model; Keras needs its own __init__ first.
-        self._positions_spec = (config.max_positions, config.hidden)
-        super().__init__(config, name=name, **kwargs)
-
-    def embed(self, tokens):
-        """Token plus learned position embeddings, ``(B, T, C)``."""
-        t = tf.shape(tokens)[1]
-        return self.embed_tokens(tokens) + self.embed_positions.embeddings[:t]  # (B, T, C)
 
     @staticmethod
     def param_count(cfg: ModelConfig) -> int:

@@ -51,5 +51,9 @@ class Linear(keras.layers.Layer):
         return kernel if self.weight_quantizer is None else self.weight_quantizer(kernel)
 
     def call(self, x):
-        y = tf.einsum("...i,io->...o", x, self.effective_kernel())  # (..., out)
+        # A 2-D matmul: einsum's "...i,io" gradient materialises a broadcast (..., in, out) product.
+        kernel = self.effective_kernel()
+        lead = tf.shape(x)[:-1]
+        y = tf.matmul(tf.reshape(x, (-1, kernel.shape[0])), kernel)  # (N, out)
+        y = tf.reshape(y, tf.concat([lead, [self.units]], axis=0))  # (..., out)
         return y if self.bias is None else y + self.bias

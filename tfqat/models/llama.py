@@ -17,6 +17,7 @@ class LlamaModel(CausalLM):
     norm_cls = RMSNorm
     mlp_cls = SwiGLU
     rotary = True
+    learned_positions = False
     use_bias = False
 
     @staticmethod

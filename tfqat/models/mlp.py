@@ -21,7 +21,8 @@ class SwiGLU(keras.layers.Layer):
         super().__init__(**kwargs)
         self.gate_proj = Linear(cfg.ffn, name="gate_proj")
         self.up_proj = Linear(cfg.ffn, name="up_proj")
-        self.down_proj = Linear(cfg.hidden, stddev=INIT_STD / math.sqrt(2 * cfg.layers), name="down_proj")
+        out_std = INIT_STD / math.sqrt(2 * cfg.layers)  # residual-branch output, GPT-2 style
+        self.down_proj = Linear(cfg.hidden, stddev=out_std, name="down_proj")
         self.mlp_in = QuantPoint(token_axis=1, name="mlp_in")  # (B, T, C)
         self.mlp_act = QuantPoint(token_axis=1, name="mlp_act")  # (B, T, F)
 
@@ -39,9 +40,8 @@ class GeluMLP(keras.layers.Layer):
     def __init__(self, cfg: ModelConfig, **kwargs):
         super().__init__(**kwargs)
         self.fc_in = Linear(cfg.ffn, use_bias=True, name="fc_in")
-        self.fc_out = Linear(
-            cfg.hidden, use_bias=True, stddev=INIT_STD / math.sqrt(2 * cfg.layers), name="fc_out"
-        )
+        out_std = INIT_STD / math.sqrt(2 * cfg.layers)  # residual-branch output, GPT-2 style
+        self.fc_out = Linear(cfg.hidden, use_bias=True, stddev=out_std, name="fc_out")
         self.mlp_in = QuantPoint(token_axis=1, name="mlp_in")  # (B, T, C)
         self.mlp_act = QuantPoint(token_axis=1, name="mlp_act")  # (B, T, F)
 

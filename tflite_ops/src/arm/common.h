@@ -98,6 +98,154 @@ inline void tile_rows(const PaddedRows& x, int t0, int mr, const int8_t* (&rows)
   for (int i = 0; i < MR; ++i) rows[i] = x.row(t0 + min_int(i, mr - 1));
 }
 
+// Horizontal sums of four accumulators: lane r = sum of a[r].
+inline int32x4_t hsum4(const int32x4_t (&a)[4]) {
+  return vpaddq_s32(vpaddq_s32(a[0], a[1]), vpaddq_s32(a[2], a[3]));
+}
+
+// One tile of M tokens (rows order[0 .. mr-1], padded to M by repeating the last) x NR channels
+// of a prepacked weight tile: Kernel::run<M> fills acc, then the reference epilogue stores it.
+template <int M, int NR, typename Kernel>
+inline void qlinear_tile(const Kernel& kernel, const PaddedRows& x, const int* order, int mr,
+                         const float* xs, const uint8_t* wt, const float* ws, const float* bias,
+                         int N, int nr, float* y) {
+  const int8_t* rows[M];
+  for (int i = 0; i < M; ++i) rows[i] = x.row(order[min_int(i, mr - 1)]);
+  int32_t acc[M][NR];
+  kernel.template run<M>(rows, wt, x.kp(), acc);
+  for (int i = 0; i < mr; ++i) {
+    const int t = order[i];
+    store_row(acc[i], nr, xs[t], ws, bias, y + static_cast<size_t>(t) * N);
+  }
+}
+
+// The loop every qlinear variant shares: channel tiles outside (a weight tile stays in L1 while
+// every token passes over it), token tiles of MR inside, the last tokens in tiles of MT.
+// `order` lists the tokens to compute (all of them, or one bit-width group).
+template <int MR, int MT, int NR, typename Kernel>
+inline void qlinear_run(const Kernel& kernel, const PaddedRows& x, const int* order, int count,
+                        const float* xs, const void* w_packed, size_t w_tile_bytes,
+                        const float* ws, const float* bias, int N, float* y) {
+  const uint8_t* w = static_cast<const uint8_t*>(w_packed);
+  for (int n0 = 0; n0 < N; n0 += NR) {
+    const int nr = min_int(NR, N - n0);
+    const uint8_t* wt = w + static_cast<size_t>(n0 / NR) * w_tile_bytes;
+    const float* b = bias ? bias + n0 : nullptr;
+    int i = 0;
+    for (; i + MR <= count; i += MR) {
+      qlinear_tile<MR, NR>(kernel, x, order + i, MR, xs, wt, ws + n0, b, N, nr, y + n0);
+    }
+    for (; i < count; i += MT) {
+      qlinear_tile<MT, NR>(kernel, x, order + i, min_int(MT, count - i), xs, wt, ws + n0, b, N,
+                           nr, y + n0);
+    }
+  }
+}
+
+inline std::vector<int> all_tokens(int T) {
+  std::vector<int> order(static_cast<size_t>(T));
+  for (int t = 0; t < T; ++t) order[static_cast<size_t>(t)] = t;
+  return order;
+}
+
+// The d elements past the last full vector block, for every row pair of a tile. Kept out of
+// line: inlined, its loop setup ran for every row pair even when there was no tail.
+__attribute__((noinline)) inline void qk_tail(const int8_t* const* qr, const uint8_t* const* kr, int mt,
+                                       int sr, int d0, int D, int kv_bits, int32_t (*acc)[4]) {
+  for (int m = 0; m < mt; ++m) {
+    for (int i = 0; i < sr; ++i) {
+      for (int d = d0; d < D; ++d) {
+        acc[m][i] += qr[m][d] * (kv_bits == 4 ? ref::int4_at(kr[i], d) : static_cast<int8_t>(kr[i][d]));
+      }
+    }
+  }
+}
+
+// One attn_qk tile: M query rows x 4 cached rows of one head, accumulated with Ops (see
+// attn_qk_rows), then the scalar d tail and the reference epilogue. The unroll pragmas keep the
+// accumulator array in registers (GCC 12 otherwise leaves the cached-row loop rolled and the
+// accumulators on the stack).
+template <typename Ops, int M>
+inline void qk_tile(const int8_t* const* qr, const uint8_t* const* kr, int mt, int sr, int D,
+                    int kv_bits, const float* qs, const float* ks, int S, float* out) {
+  int32x4_t a[M][4];
+  for (int m = 0; m < M; ++m) {
+    for (int i = 0; i < 4; ++i) a[m][i] = vdupq_n_s32(0);
+  }
+  int d_vec;
+  if (kv_bits == 4) {
+    d_vec = D / 32 * 32;
+    for (int d = 0; d < d_vec; d += 32) {
+      int8x16x2_t qv[M];
+      for (int m = 0; m < M; ++m) qv[m] = vld2q_s8(qr[m] + d);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const int8x16_t b = vld1q_s8(reinterpret_cast<const int8_t*>(kr[i]) + d / 2);
+        const int8x16_t lo = low_nibbles(b), hi = high_nibbles(b);
+        for (int m = 0; m < M; ++m) a[m][i] = Ops::dot4(a[m][i], qv[m].val[0], qv[m].val[1], lo, hi);
+      }
+    }
+  } else {
+    d_vec = D / 16 * 16;
+    for (int d = 0; d < d_vec; d += 16) {
+      int8x16_t qv[M];
+      for (int m = 0; m < M; ++m) qv[m] = vld1q_s8(qr[m] + d);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const int8x16_t kv = vld1q_s8(reinterpret_cast<const int8_t*>(kr[i]) + d);
+        for (int m = 0; m < M; ++m) a[m][i] = Ops::dot8(a[m][i], qv[m], kv);
+      }
+    }
+  }
+  int32_t acc[M][4];
+  for (int m = 0; m < M; ++m) vst1q_s32(acc[m], hsum4(a[m]));
+  if (d_vec < D) qk_tail(qr, kr, mt, sr, d_vec, D, kv_bits, acc);
+  for (int m = 0; m < mt; ++m) {
+    float* o = out + static_cast<size_t>(m) * S;
+    if (sr == 4) {
+      const float32x4_t scale = vmulq_f32(vdupq_n_f32(qs[m]), vld1q_f32(ks));
+      vst1q_f32(o, vmulq_f32(vcvtq_f32_s32(vld1q_s32(acc[m])), scale));
+    } else {
+      for (int i = 0; i < sr; ++i) o[i] = static_cast<float>(acc[m][i]) * (qs[m] * ks[i]);
+    }
+  }
+}
+
+// attn_qk for any 16-lane int8 dot-product step: Ops::dot8(acc, q, k) adds 16 products of int8
+// q and k lanes into acc; Ops::dot4(acc, q_even, q_odd, k_lo, k_hi) does the same for 32 lanes
+// of an int4 cache row (low nibbles hold the even elements, high nibbles the odd ones, which is
+// what vld2 gives for q). Tiles of 4 query rows x 4 cached rows share every load; single rows
+// finish the tail so decode (T = 1) does no redundant work.
+template <typename Ops>
+inline void attn_qk_rows(const int8_t* q, const float* qs, int H, int T, int D, const void* k,
+                         int kv_bits, const float* ks, int Hkv, int S, int s_cap,
+                         float* scores) {
+  const int group = H / Hkv;
+  const size_t row_bytes = kv_bits == 4 ? static_cast<size_t>((D + 1) / 2) : static_cast<size_t>(D);
+  for (int h = 0; h < H; ++h) {
+    const uint8_t* kg = static_cast<const uint8_t*>(k) + static_cast<size_t>(h / group) * s_cap * row_bytes;
+    for (int t0 = 0; t0 < T; t0 += 4) {
+      const int mt = min_int(4, T - t0);
+      const int8_t* qr[4];
+      for (int m = 0; m < 4; ++m) qr[m] = q + (static_cast<size_t>(h) * T + t0 + min_int(m, mt - 1)) * D;
+      float* out = scores + (static_cast<size_t>(h) * T + t0) * S;
+      for (int s0 = 0; s0 < S; s0 += 4) {
+        const int sr = min_int(4, S - s0);
+        const uint8_t* kr[4];
+        for (int i = 0; i < 4; ++i) kr[i] = kg + (s0 + min_int(i, sr - 1)) * row_bytes;
+        if (mt == 4) {
+          qk_tile<Ops, 4>(qr, kr, 4, sr, D, kv_bits, qs + t0, ks + s0, S, out + s0);
+        } else {
+          for (int m = 0; m < mt; ++m) {
+            qk_tile<Ops, 1>(qr + m, kr, 1, sr, D, kv_bits, qs + t0 + m, ks + s0, S,
+                            out + static_cast<size_t>(m) * S + s0);
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace arm
 }  // namespace tfqat

@@ -54,7 +54,7 @@ class Reader {
   }
 
   bool read_int(size_t pos, size_t width, int64_t* v) {
-    uint64_t u;
+    uint64_t u = 0;
     if (!read_uint(pos, width, &u)) return false;
     if (width < 8) {
       const uint64_t sign = uint64_t{1} << (8 * width - 1);
@@ -65,7 +65,7 @@ class Reader {
   }
 
   bool read_float(size_t pos, size_t width, double* v) {
-    uint64_t u;
+    uint64_t u = 0;
     if (width != 4 && width != 8) return fail("float of width " + std::to_string(width));
     if (!read_uint(pos, width, &u)) return false;
     if (width == 4) {
@@ -80,7 +80,7 @@ class Reader {
   }
 
   bool deref(size_t pos, size_t width, size_t* target) {
-    uint64_t off;
+    uint64_t off = 0;
     if (!read_uint(pos, width, &off)) return false;
     if (off > pos) return fail("offset points before the buffer");
     *target = pos - static_cast<size_t>(off);
@@ -100,7 +100,7 @@ class Reader {
     const unsigned type = packed >> 2;
     const size_t width = size_t{1} << (packed & 3);
     v->raw_type = static_cast<uint8_t>(type);
-    size_t target;
+    size_t target = 0;
     switch (type) {
       case kTypeInt:
         v->kind = Value::Kind::kInt;
@@ -112,7 +112,7 @@ class Reader {
         v->kind = Value::Kind::kFloat;
         return read_float(pos, parent_width, &v->f);
       case kTypeBool: {
-        uint64_t u;
+        uint64_t u = 0;
         if (!read_uint(pos, parent_width, &u)) return false;
         v->kind = Value::Kind::kBool;
         v->b = u != 0;
@@ -128,7 +128,7 @@ class Reader {
         v->kind = Value::Kind::kFloat;
         return deref(pos, parent_width, &target) && read_float(target, width, &v->f);
       case kTypeString: {
-        uint64_t len;
+        uint64_t len = 0;
         if (!deref(pos, parent_width, &target)) return false;
         if (target < width) return fail("string length out of bounds");
         if (!read_uint(target - width, width, &len)) return false;
@@ -150,11 +150,11 @@ class Reader {
     if (!valid_width(root_width) || size_ < 2 + root_width) return fail("bad root width");
     if ((root_packed >> 2) != kTypeMap) return fail("root is not a map");
     const size_t w = size_t{1} << (root_packed & 3);
-    size_t m;
+    size_t m = 0;
     if (!deref(size_ - 2 - root_width, root_width, &m)) return false;
     if (m < 3 * w) return fail("map header out of bounds");
-    uint64_t n, keys_width;
-    size_t keys;
+    uint64_t n = 0, keys_width = 0;
+    size_t keys = 0;
     if (!read_uint(m - w, w, &n) || !read_uint(m - 2 * w, w, &keys_width) ||
         !deref(m - 3 * w, w, &keys)) {
       return false;
@@ -163,7 +163,7 @@ class Reader {
     if (n > size_ || !in_bounds(m, static_cast<size_t>(n) * (w + 1))) {
       return fail("map values out of bounds");
     }
-    uint64_t n_keys;
+    uint64_t n_keys = 0;
     if (keys < keys_width || !read_uint(keys - keys_width, keys_width, &n_keys)) {
       return fail("key vector out of bounds");
     }
@@ -171,7 +171,7 @@ class Reader {
     if (!in_bounds(keys, static_cast<size_t>(n) * keys_width)) return fail("keys out of bounds");
     const size_t types = m + static_cast<size_t>(n) * w;
     for (size_t i = 0; i < n; ++i) {
-      size_t key_pos;
+      size_t key_pos = 0;
       std::string key;
       Value value;
       if (!deref(keys + i * keys_width, keys_width, &key_pos) || !read_key(key_pos, &key) ||

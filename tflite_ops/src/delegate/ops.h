@@ -2,8 +2,12 @@
 // ranks, shapes, options) and Invoke. The contract they enforce is tflite_ops/OPS.md.
 #pragma once
 
+#include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "flexbuffer.h"
@@ -13,11 +17,28 @@
 namespace tfqat {
 namespace delegate {
 
+// Packed weights shared by every node that reads the same constant tensor data with the same
+// layout: a model's signatures (prefill, decode) are separate subgraphs whose ops may point at
+// one constant buffer, and each packed copy costs as much memory as the weights themselves.
+class PackCache {
+ public:
+  using Packed = std::shared_ptr<const std::vector<uint8_t>>;
+  // The packed form of constant canonical weights `data` ([N, K] at `bits` = 4 or 8).
+  Packed get(const KernelTable* kt, const void* data, int bits, int N, int K);
+
+ private:
+  std::mutex mutex_;
+  std::map<std::tuple<const KernelTable*, const void*, int, int, int>,
+           std::weak_ptr<const std::vector<uint8_t>>>
+      entries_;
+};
+
 // One claimed node as its kernel sees it: the original op's tensor indices (not the delegate
 // node's, which the runtime may reorder or deduplicate), the context and the kernel table.
 struct NodeCtx {
   abi::TfLiteContext* ctx = nullptr;
   const KernelTable* kt = nullptr;
+  PackCache* packs = nullptr;
   int node_index = -1;
   std::string op;
   std::vector<int> inputs, outputs;
@@ -47,7 +68,7 @@ const char* known_ops();
 // the delegate kernel's custom_name, which profilers print), else "TFQAT_DELEGATE".
 const char* static_op_name(const std::string& name);
 
-// "float32", "uint8", ...; "type<code>" for types we never name.
+// "float32", "uint8", ...; "unknown" past the types we know.
 const char* type_name(int type);
 const char* allocation_type_name(int allocation_type);
 

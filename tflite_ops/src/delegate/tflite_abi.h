@@ -141,13 +141,15 @@ struct TfLiteDelegateParams {
   TfLiteIntArray* output_tensors;
 };
 
-// Prefix of the runtime's context, up to the last member we call. Entries we never call are
-// typed as opaque pointers.
+// Prefix of the runtime's context, up to the last member we call (the runtime owns it; members
+// we never call are typed as opaque pointers).
 struct TfLiteContext {
   size_t tensors_size;
   TfLiteStatus (*GetExecutionPlan)(TfLiteContext* context, TfLiteIntArray** execution_plan);
   TfLiteTensor* tensors;
   void* impl_;
+  // Takes ownership of new_size and releases it with free(). (The later ResizeTensorExplicit,
+  // which copies, is not usable: the interpreter of the pinned runtime does not provide it.)
   TfLiteStatus (*ResizeTensor)(TfLiteContext* context, TfLiteTensor* tensor,
                                TfLiteIntArray* new_size);
   void (*ReportError)(TfLiteContext* context, const char* format, ...);
@@ -158,18 +160,6 @@ struct TfLiteContext {
                                                         TfLiteRegistration registration,
                                                         const TfLiteIntArray* nodes_to_replace,
                                                         TfLiteDelegate* delegate);
-  int recommended_num_threads;
-  void* GetExternalContext;
-  void* SetExternalContext;
-  bool allow_fp32_relax_to_fp16;
-  void* profiler;
-  void* AllocatePersistentBuffer;
-  void* AllocateBufferForEval;
-  void* RequestScratchBufferInArena;
-  void* GetScratchBuffer;
-  // Unlike ResizeTensor it copies the shape, so we never hand over heap ownership across the ABI.
-  TfLiteStatus (*ResizeTensorExplicit)(TfLiteContext* context, TfLiteTensor* tensor, int dims,
-                                       const int* shape);
 };
 
 struct TfLiteDelegate {
@@ -207,8 +197,7 @@ static_assert(offsetof(TfLiteContext, ReportError) == 40, "TfLiteContext::Report
 static_assert(offsetof(TfLiteContext, GetNodeAndRegistration) == 56, "TfLiteContext::GetNode...");
 static_assert(offsetof(TfLiteContext, ReplaceNodeSubsetsWithDelegateKernels) == 64,
               "TfLiteContext::ReplaceNodeSubsetsWithDelegateKernels");
-static_assert(offsetof(TfLiteContext, ResizeTensorExplicit) == 144,
-              "TfLiteContext::ResizeTensorExplicit");
+static_assert(offsetof(TfLiteContext, ResizeTensor) == 32, "TfLiteContext::ResizeTensor");
 static_assert(offsetof(TfLiteDelegate, flags) == 40, "TfLiteDelegate::flags");
 static_assert(sizeof(TfLiteDelegate) == 56, "TfLiteDelegate is allocated by us");
 

@@ -1,13 +1,585 @@
+// x86-64 AVX-512 F/BW/VL + VNNI variant (compiled with those flags; reached only through
+// dispatch.cc after a CPU check).
+//
+// vpdpbusd multiplies unsigned by signed bytes, so each packed weight layout moves the sign
+// where it is exact and cheap (README "Packing"):
+// - W4: nibbles stored offset-binary (w + 8, in [0, 15]) as the unsigned operand, activations
+//   signed; the kernel subtracts 8 * sum_k x[t][k] once per token.
+// - W8: activations offset by 128 (x ^ 0x80) as the unsigned operand, weights signed; the
+//   packer stores 128 * sum_k w[n][k] per row for the kernel to subtract.
+// Both accumulate exactly in int32 and then run the reference epilogue.
+#include <immintrin.h>
+
+#include <cstring>
+#include <vector>
+
 #include "../variants.h"
 
 namespace tfqat {
+namespace {
+
+constexpr int kNr = 16;  // output rows per block: one int32 lane each
+constexpr int kPb = 4;   // blocks per panel of the integer layouts
+
+// Blocks [p * kPb, p * kPb + pb) form panel p; its group g starts at base + g * 64 * pb.
+struct Panel {
+  size_t base;
+  size_t gstride;
+  int pb;
+};
+inline Panel panel_of(int p, int Nb, size_t block_bytes) {
+  const int pb = Nb - p * kPb < kPb ? Nb - p * kPb : kPb;
+  return {static_cast<size_t>(p) * kPb * block_bytes, static_cast<size_t>(64) * pb, pb};
+}
+
+inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+inline __mmask16 tail16(int rem) { return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1); }
+inline __mmask64 tail64(int rem) { return rem >= 64 ? ~__mmask64(0) : (__mmask64(1) << rem) - 1; }
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// y[n0 .. n0+15] = (float)acc * (xs * ws[n]) (+ bias[n]), masked to N.
+inline void epilogue_store(float* y, int n0, int N, __m512i acc, float xs, const float* ws,
+                           const float* bias) {
+  const __mmask16 m = tail16(N - n0);
+  const __m512 s = _mm512_mul_ps(_mm512_set1_ps(xs), _mm512_maskz_loadu_ps(m, ws + n0));
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), s);
+  if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + n0));
+  _mm512_mask_storeu_ps(y + n0, m, v);
+}
+
+// The integer layouts start with a one-byte header: the offset (1..64) from the buffer to the
+// 64-byte aligned payload, chosen at pack time. 64-byte weight loads then never straddle two
+// cache lines (worth ~20% on a memory-bound GEMV), whatever the caller's allocator returns; a
+// buffer copied elsewhere stays correct, only possibly misaligned.
+constexpr size_t kHeader = 64;
+inline uint8_t* payload_for_pack(void* packed) {
+  uint8_t* p = static_cast<uint8_t*>(packed);
+  const size_t off = kHeader - reinterpret_cast<uintptr_t>(p) % kHeader;
+  p[0] = static_cast<uint8_t>(off);
+  return p + off;
+}
+inline const uint8_t* payload(const void* packed) {
+  const uint8_t* p = static_cast<const uint8_t*>(packed);
+  return p + p[0];
+}
+
+// Per-call scratch, reused across calls on the same thread.
+template <typename T>
+T* scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// ---- op 1 ------------------------------------------------------------------------------
+void quantize_rows(const float* x, int T, int K, const uint8_t* bits, const float* static_scales,
+                   int8_t* codes, float* scales_out) {
+  for (int t = 0; t < T; ++t) {
+    const float* xr = x + static_cast<size_t>(t) * K;
+    const bool b8 = bits[t] == 8;
+    const float qmax = b8 ? 127.0f : 7.0f;
+    float s;
+    if (static_scales) {
+      s = b8 ? static_scales[0] : static_scales[1];
+    } else {
+      __m512 m = _mm512_setzero_ps();
+      for (int k = 0; k < K; k += 16) {
+        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(tail16(K - k), xr + k));
+        m = _mm512_max_ps(a, m);  // NaN in a yields m: NaN is ignored like the reference
+      }
+      const float mx = _mm512_reduce_max_ps(m);
+      s = mx == 0.0f ? 1.0f : mx / qmax;
+    }
+    scales_out[t] = s;
+    const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-qmax - 1.0f), hi = _mm512_set1_ps(qmax);
+    int8_t* cr = codes + static_cast<size_t>(t) * K;
+    for (int k = 0; k < K; k += 16) {
+      const __mmask16 mk = tail16(K - k);
+      __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(mk, xr + k), vs);
+      q = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);  // max(NaN, lo) = lo, as in the reference
+      _mm512_mask_cvtepi32_storeu_epi8(cr + k, mk, _mm512_cvtps_epi32(q));
+    }
+  }
+}
+
+// ---- op 3: W4 ---------------------------------------------------------------------------
+// Packed W4 (after the alignment header): panels of up to 4 blocks of 16 rows (the last panel
+// may hold fewer). Per panel, per group g of 8 k, per block: 64 bytes, row j's dword holds
+// k = 8g + i (i = 0..3) in the low nibbles of bytes 0..3 and k = 8g + 4 + i in the high
+// nibbles, all as w + 8. Rows >= N and k >= K are w = 0. A GEMV pass over a panel reads one
+// sequential stream.
+size_t w4_packed_size(int N, int K) {
+  return kHeader + static_cast<size_t>(round_up(N, kNr)) * round_up(K, 8) / 2;
+}
+
+void w4_pack(const void* canonical, int N, int K, void* packed) {
+  const uint8_t* c = static_cast<const uint8_t*>(canonical);
+  uint8_t* p = payload_for_pack(packed);
+  const int G = round_up(K, 8) / 8, stride = (K + 1) / 2, Nb = round_up(N, kNr) / kNr;
+  for (int pi = 0; pi * kPb < Nb; ++pi) {
+    const int pb = panel_of(pi, Nb, 0).pb;
+    for (int g = 0; g < G; ++g) {
+      for (int jj = 0; jj < pb * kNr; ++jj) {
+        const int n = pi * kPb * kNr + jj;
+        for (int i = 0; i < 4; ++i) {
+          const int k0 = 8 * g + i, k1 = k0 + 4;
+          const int lo = n < N && k0 < K ? ref::int4_at(c + static_cast<size_t>(n) * stride, k0) : 0;
+          const int hi = n < N && k1 < K ? ref::int4_at(c + static_cast<size_t>(n) * stride, k1) : 0;
+          *p++ = static_cast<uint8_t>((lo + 8) | ((hi + 8) << 4));
+        }
+      }
+    }
+  }
+}
+
+// MR tokens x NB blocks. Low and high nibbles accumulate separately: the high one is masked
+// in place (16 * (w + 8)), which saves a shift per vector; it is divided out exactly at the end.
+template <int MR, int NB>
+inline void w4_tile(const int8_t* xp, int Kp, const uint8_t* wb, size_t gstride, __m512i (&acc)[MR][NB]) {
+  __m512i al[MR][NB], ah[MR][NB];
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) al[m][j] = ah[m][j] = _mm512_setzero_si512();
+  }
+  const __m512i m0f = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const int G = Kp / 8;
+  for (int g = 0; g < G; ++g) {
+    __m512i wl[NB], wh[NB];
+    for (int j = 0; j < NB; ++j) {
+      const __m512i v = _mm512_loadu_si512(wb + g * gstride + j * 64);
+      wl[j] = _mm512_and_si512(v, m0f);
+      wh[j] = _mm512_and_si512(v, mf0);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xl = _mm512_set1_epi32(load_i32(xp + static_cast<size_t>(m) * Kp + 8 * g));
+      const __m512i xh = _mm512_set1_epi32(load_i32(xp + static_cast<size_t>(m) * Kp + 8 * g + 4));
+      for (int j = 0; j < NB; ++j) {
+        al[m][j] = _mm512_dpbusd_epi32(al[m][j], wl[j], xl);
+        ah[m][j] = _mm512_dpbusd_epi32(ah[m][j], wh[j], xh);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_add_epi32(al[m][j], _mm512_srai_epi32(ah[m][j], 4));
+  }
+}
+
+// GEMM tile: one accumulator per (token, block); the high nibbles are shifted down so both
+// halves add into it directly. Broadcasts are hoisted and shared by all NB blocks.
+template <int MR, int NB>
+inline void w4_tile_gemm(const int8_t* xp, int Kp, const uint8_t* wb, size_t gstride, __m512i (&acc)[MR][NB]) {
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+  }
+  const __m512i m0f = _mm512_set1_epi8(0x0F);
+  const int G = Kp / 8;
+  for (int g = 0; g < G; ++g) {
+    __m512i xl[MR], xh[MR];
+    for (int m = 0; m < MR; ++m) {
+      xl[m] = _mm512_set1_epi32(load_i32(xp + static_cast<size_t>(m) * Kp + 8 * g));
+      xh[m] = _mm512_set1_epi32(load_i32(xp + static_cast<size_t>(m) * Kp + 8 * g + 4));
+    }
+    for (int j = 0; j < NB; ++j) {
+      const __m512i v = _mm512_loadu_si512(wb + g * gstride + j * 64);
+      const __m512i wl = _mm512_and_si512(v, m0f), wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      for (int m = 0; m < MR; ++m) {
+        acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], wl, xl[m]);
+        acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], wh, xh[m]);
+      }
+    }
+  }
+}
+
+// Runs an MR x NB tile over tokens [t0, t0 + MR) and blocks [b0, b0 + NB) = panel blocks
+// [jb, jb + NB).
+template <int MR, int NB>
+inline void w4_run(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w, const Panel& pn, int jb,
+                   int t0, int b0, const float* xs, const float* ws, const float* bias, int N, float* y) {
+  __m512i acc[MR][NB];
+  if (MR == 1) {
+    w4_tile<MR, NB>(xp + static_cast<size_t>(t0) * Kp, Kp, w + pn.base + jb * 64, pn.gstride, acc);
+  } else {
+    w4_tile_gemm<MR, NB>(xp + static_cast<size_t>(t0) * Kp, Kp, w + pn.base + jb * 64, pn.gstride, acc);
+  }
+  for (int m = 0; m < MR; ++m) {
+    const __m512i c = _mm512_set1_epi32(corr[t0 + m]);
+    for (int j = 0; j < NB; ++j) {
+      epilogue_store(y + static_cast<size_t>(t0 + m) * N, (b0 + j) * kNr, N, _mm512_sub_epi32(acc[m][j], c),
+                     xs[t0 + m], ws, bias);
+    }
+  }
+}
+
+thread_local std::vector<int8_t> tl_x;
+thread_local std::vector<int32_t> tl_corr;
+
+// Zero-padded copy of x ([T][Kp], optionally xored) and per-token sum_k x * factor.
+const int8_t* prepare_x(const int8_t* x, int T, int K, int Kp, uint8_t xor_mask, int factor, int32_t** corr) {
+  int8_t* xp = scratch(tl_x, static_cast<size_t>(T) * Kp);
+  int32_t* c = scratch(tl_corr, static_cast<size_t>(T));
+  for (int t = 0; t < T; ++t) {
+    const int8_t* xr = x + static_cast<size_t>(t) * K;
+    int8_t* d = xp + static_cast<size_t>(t) * Kp;
+    __m512i sum = _mm512_setzero_si512();
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(xor_mask));
+    for (int k = 0; k < Kp; k += 64) {
+      const __mmask64 mk = tail64(K - k), mp = tail64(Kp - k);
+      const __m512i v = _mm512_maskz_loadu_epi8(mk, xr + k);
+      sum = _mm512_add_epi32(sum, _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), v));
+      _mm512_mask_storeu_epi8(d + k, mp, _mm512_xor_si512(v, flip));
+    }
+    c[t] = _mm512_reduce_add_epi32(sum) * factor;
+  }
+  *corr = c;
+  return xp;
+}
+
+constexpr int kGemmMr = 4, kGemmNb = 4;
+constexpr int kW8Mr = 4, kW8Nb = 4;  // W8 panels are twice the bytes: 2 blocks keep a column in L1
+
+// Tokens [0, T) against panel blocks [jb, jb + NB), MR tokens at a time.
+template <int MR, int NB>
+inline void w4_cols(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w, const Panel& pn, int jb, int b0,
+                    int T, const float* xs, const float* ws, const float* bias, int N, float* y) {
+  int t = 0;
+  for (; t + MR <= T; t += MR) w4_run<MR, NB>(xp, corr, Kp, w, pn, jb, t, b0, xs, ws, bias, N, y);
+  for (; t < T; ++t) w4_run<1, NB>(xp, corr, Kp, w, pn, jb, t, b0, xs, ws, bias, N, y);
+}
+
+void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
+                const float* ws, const float* bias, int N, float* y) {
+  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
+  const uint8_t* w = payload(w_packed);
+  int32_t* corr;
+  const int8_t* xp = prepare_x(x, T, K, Kp, 0, 8, &corr);
+  for (int p = 0; p * kPb < Nb; ++p) {
+    const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr / 2);
+    const int b0 = p * kPb;
+    if (T == 1 && pn.pb == kPb) {
+      w4_run<1, kPb>(xp, corr, Kp, w, pn, 0, 0, b0, xs, ws, bias, N, y);
+      continue;
+    }
+    int jb = 0;
+    for (; jb + kGemmNb <= pn.pb; jb += kGemmNb) w4_cols<kGemmMr, kGemmNb>(xp, corr, Kp, w, pn, jb, b0 + jb, T, xs, ws, bias, N, y);
+    for (; jb < pn.pb; ++jb) w4_cols<kGemmMr, 1>(xp, corr, Kp, w, pn, jb, b0 + jb, T, xs, ws, bias, N, y);
+  }
+}
+
+// ---- op 3: W8 ---------------------------------------------------------------------------
+// Packed W8 (after the alignment header): panels of up to 4 blocks of 16 rows as for W4; per
+// panel, per group g of 4 k, per block: 64 bytes, row j's dword holds w[n][4g .. 4g+3];
+// padding is 0. Then int32 [round_up(N, 16)]: 128 * sum_k w[n][k].
+size_t w8_packed_size(int N, int K) {
+  return kHeader + static_cast<size_t>(round_up(N, kNr)) * (round_up(K, 8) + sizeof(int32_t));
+}
+
+void w8_pack(const void* canonical, int N, int K, void* packed) {
+  const int8_t* c = static_cast<const int8_t*>(canonical);
+  int8_t* p = reinterpret_cast<int8_t*>(payload_for_pack(packed));
+  const int Kp = round_up(K, 8), Np = round_up(N, kNr), Nb = Np / kNr;
+  for (int pi = 0; pi * kPb < Nb; ++pi) {
+    const int pb = panel_of(pi, Nb, 0).pb;
+    for (int g = 0; g < Kp / 4; ++g) {
+      for (int jj = 0; jj < pb * kNr; ++jj) {
+        const int n = pi * kPb * kNr + jj;
+        for (int i = 0; i < 4; ++i) {
+          const int k = 4 * g + i;
+          *p++ = n < N && k < K ? c[static_cast<size_t>(n) * K + k] : 0;
+        }
+      }
+    }
+  }
+  for (int n = 0; n < Np; ++n) {
+    int32_t s = 0;
+    for (int k = 0; n < N && k < K; ++k) s += c[static_cast<size_t>(n) * K + k];
+    s *= 128;
+    std::memcpy(p + static_cast<size_t>(n) * 4, &s, 4);
+  }
+}
+
+template <int MR, int NB>
+inline void w8_run(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, int jb, const int32_t* wcorr, int t0,
+                   int b0, const float* xs, const float* ws, const float* bias, int N, float* y) {
+  __m512i acc[MR][NB];
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+  }
+  const int8_t* wb = w + pn.base + jb * 64;
+  const int8_t* xb = xp + static_cast<size_t>(t0) * Kp;
+  for (int g = 0; g < Kp / 4; g += 2) {  // Kp is a multiple of 8: groups come in pairs
+    for (int u = 0; u < 2; ++u) {
+      __m512i wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wb + (g + u) * pn.gstride + j * 64);
+      for (int m = 0; m < MR; ++m) {
+        const __m512i xv = _mm512_set1_epi32(load_i32(xb + static_cast<size_t>(m) * Kp + 4 * (g + u)));
+        for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xv, wv[j]);
+      }
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const __m512i c = _mm512_loadu_si512(wcorr + (b0 + j) * kNr);
+    for (int m = 0; m < MR; ++m) {
+      epilogue_store(y + static_cast<size_t>(t0 + m) * N, (b0 + j) * kNr, N, _mm512_sub_epi32(acc[m][j], c),
+                     xs[t0 + m], ws, bias);
+    }
+  }
+}
+
+template <int MR, int NB>
+inline void w8_cols(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, int jb, const int32_t* wcorr, int b0,
+                    int T, const float* xs, const float* ws, const float* bias, int N, float* y) {
+  int t = 0;
+  for (; t + MR <= T; t += MR) w8_run<MR, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, xs, ws, bias, N, y);
+  for (; t < T; ++t) w8_run<1, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, xs, ws, bias, N, y);
+}
+
+void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
+                const float* ws, const float* bias, int N, float* y) {
+  const int Kp = round_up(K, 8), Np = round_up(N, kNr), Nb = Np / kNr;
+  const int8_t* w = reinterpret_cast<const int8_t*>(payload(w_packed));
+  const int32_t* wcorr = reinterpret_cast<const int32_t*>(w + static_cast<size_t>(Np) * Kp);
+  int32_t* unused;
+  const int8_t* xp = prepare_x(x, T, K, Kp, 0x80, 0, &unused);
+  for (int p = 0; p * kPb < Nb; ++p) {
+    const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr);
+    const int b0 = p * kPb;
+    if (T == 1 && pn.pb == kPb) {
+      w8_run<1, kPb>(xp, Kp, w, pn, 0, wcorr, 0, b0, xs, ws, bias, N, y);
+      continue;
+    }
+    int jb = 0;
+    for (; jb + kW8Nb <= pn.pb; jb += kW8Nb) w8_cols<kW8Mr, kW8Nb>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, xs, ws, bias, N, y);
+    for (; jb < pn.pb; ++jb) w8_cols<kW8Mr, 1>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, xs, ws, bias, N, y);
+  }
+}
+
+// ---- op 4 -------------------------------------------------------------------------------
+thread_local std::vector<int8_t> tl_kv;
+
+// Rows [0, S) of kv head g as int8 with row stride D: the cache itself for int8, else the
+// int4 rows sign-extended into scratch.
+const int8_t* kv_rows(const void* cache, int kv_bits, int g, int S, int s_cap, int D) {
+  if (kv_bits != 4) return static_cast<const int8_t*>(cache) + static_cast<size_t>(g) * s_cap * D;
+  const int stride = (D + 1) / 2;
+  const uint8_t* src = static_cast<const uint8_t*>(cache) + static_cast<size_t>(g) * s_cap * stride;
+  int8_t* out = scratch(tl_kv, static_cast<size_t>(S) * D + 64);
+  const __m128i m0f = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  for (int s = 0; s < S; ++s) {
+    const uint8_t* r = src + static_cast<size_t>(s) * stride;
+    int8_t* o = out + static_cast<size_t>(s) * D;
+    int j = 0;
+    for (; j + 16 <= stride && 2 * j + 32 <= D; j += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j));
+      const __m128i lo = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(b, m0f), eight), eight);
+      const __m128i hi = _mm_sub_epi8(_mm_xor_si128(_mm_and_si128(_mm_srli_epi16(b, 4), m0f), eight), eight);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * j), _mm_unpacklo_epi8(lo, hi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * j + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+    for (int d = 2 * j; d < D; ++d) o[d] = static_cast<int8_t>(ref::int4_at(r, d));
+  }
+  return out;
+}
+
+thread_local std::vector<int32_t> tl_ksum;
+
+void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits, const float* ks,
+             int Hkv, int S, int s_cap, float* scores) {
+  const int group = H / Hkv;
+  const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  int32_t* ksum = scratch(tl_ksum, static_cast<size_t>(S));
+  for (int g = 0; g < Hkv; ++g) {
+    const int8_t* kr = kv_rows(k, kv_bits, g, S, s_cap, D);
+    // q is offset to unsigned (q + 128); 128 * sum_d k[s][d] is taken back per position.
+    for (int s = 0; s < S; ++s) {
+      __m512i a = _mm512_setzero_si512();
+      for (int d = 0; d < D; d += 64) {
+        a = _mm512_dpbusd_epi32(a, ones, _mm512_maskz_loadu_epi8(tail64(D - d), kr + static_cast<size_t>(s) * D + d));
+      }
+      ksum[s] = 128 * _mm512_reduce_add_epi32(a);
+    }
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      for (int t = 0; t < T; ++t) {
+        const int8_t* qr = q + (static_cast<size_t>(h) * T + t) * D;
+        float* out = scores + (static_cast<size_t>(h) * T + t) * S;
+        for (int s = 0; s < S; ++s) {
+          __m512i a = _mm512_setzero_si512();
+          for (int d = 0; d < D; d += 64) {
+            const __mmask64 m = tail64(D - d);
+            const __m512i qu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, qr + d), flip);
+            a = _mm512_dpbusd_epi32(a, qu, _mm512_maskz_loadu_epi8(m, kr + static_cast<size_t>(s) * D + d));
+          }
+          const int32_t acc = _mm512_reduce_add_epi32(a) - ksum[s];
+          out[s] = static_cast<float>(acc) * (qs[t] * ks[s]);
+        }
+      }
+    }
+  }
+}
+
+// PV: rows s, s+1 are interleaved as int16 pairs so one vpmaddwd adds p_s v_s + p_s1 v_s1 for
+// 16 d at once; each row's p goes to the accumulator of its group (the other gets 0).
+// unpack{lo,hi}_epi16 work per 128-bit lane, so the d order is restored at the end.
+void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits, const uint8_t* v_rowbits,
+             const float* vs, int Hkv, int s_cap, int D, float* out) {
+  const int group = H / Hkv;
+  const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i idx1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512 sc8 = _mm512_set1_ps(ps * vs[0]);
+  const __m512 sc4 = _mm512_set1_ps(v_rowbits ? ps * vs[1] : 0.0f);
+  for (int g = 0; g < Hkv; ++g) {
+    const int8_t* vr = kv_rows(v, kv_bits, g, S, s_cap, D);
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* pr = p + (static_cast<size_t>(h) * T + t) * S;
+        float* o = out + (static_cast<size_t>(h) * T + t) * D;
+        for (int d = 0; d < D; d += 32) {
+          const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (D - d)) - 1;
+          __m512i a8l = _mm512_setzero_si512(), a8h = a8l, a4l = a8l, a4h = a8l;
+          for (int s = 0; s < S; s += 2) {
+            const bool has1 = s + 1 < S;
+            const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, vr + static_cast<size_t>(s) * D + d));
+            const __m512i v1 = has1 ? _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, vr + static_cast<size_t>(s + 1) * D + d))
+                                    : _mm512_setzero_si512();
+            const __m512i lo = _mm512_unpacklo_epi16(v0, v1), hi = _mm512_unpackhi_epi16(v0, v1);
+            const int p0 = pr[s], p1 = has1 ? pr[s + 1] : 0;
+            const bool g4_0 = v_rowbits && v_rowbits[s] == 4, g4_1 = has1 && v_rowbits && v_rowbits[s + 1] == 4;
+            const int pp8 = (g4_0 ? 0 : p0) | ((g4_1 ? 0 : p1) << 16);
+            const int pp4 = (g4_0 ? p0 : 0) | ((g4_1 ? p1 : 0) << 16);
+            if (pp8) {
+              const __m512i b = _mm512_set1_epi32(pp8);
+              a8l = _mm512_add_epi32(a8l, _mm512_madd_epi16(lo, b));
+              a8h = _mm512_add_epi32(a8h, _mm512_madd_epi16(hi, b));
+            }
+            if (pp4) {
+              const __m512i b = _mm512_set1_epi32(pp4);
+              a4l = _mm512_add_epi32(a4l, _mm512_madd_epi16(lo, b));
+              a4h = _mm512_add_epi32(a4h, _mm512_madd_epi16(hi, b));
+            }
+          }
+          const __m512i r8[2] = {_mm512_permutex2var_epi32(a8l, idx0, a8h), _mm512_permutex2var_epi32(a8l, idx1, a8h)};
+          const __m512i r4[2] = {_mm512_permutex2var_epi32(a4l, idx0, a4h), _mm512_permutex2var_epi32(a4l, idx1, a4h)};
+          for (int half = 0; half < 2; ++half) {
+            const __mmask16 mh = static_cast<__mmask16>(m >> (16 * half));
+            __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(r8[half]), sc8);
+            if (v_rowbits) r = _mm512_add_ps(r, _mm512_mul_ps(_mm512_cvtepi32_ps(r4[half]), sc4));
+            _mm512_mask_storeu_ps(o + d + 16 * half, mh, r);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- op 5 -------------------------------------------------------------------------------
+// Packed f32 / f16: blocks of 16 rows, k-major inside a block ([b][k][16]), zero padded.
+size_t f32_packed_size(int N, int K) { return static_cast<size_t>(round_up(N, kNr)) * K * sizeof(float); }
+size_t f16_packed_size(int N, int K) { return static_cast<size_t>(round_up(N, kNr)) * K * sizeof(uint16_t); }
+
+template <typename T>
+void pack_kmajor(const T* c, int N, int K, T* p) {
+  for (int b = 0; b < round_up(N, kNr) / kNr; ++b) {
+    for (int k = 0; k < K; ++k) {
+      for (int j = 0; j < kNr; ++j) {
+        const int n = b * kNr + j;
+        *p++ = n < N ? c[static_cast<size_t>(n) * K + k] : T(0);
+      }
+    }
+  }
+}
+void f32_pack(const void* c, int N, int K, void* p) {
+  pack_kmajor(static_cast<const float*>(c), N, K, static_cast<float*>(p));
+}
+void f16_pack(const void* c, int N, int K, void* p) {
+  pack_kmajor(static_cast<const uint16_t*>(c), N, K, static_cast<uint16_t*>(p));
+}
+
+inline __m512 load_w(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 load_w(const uint16_t* w) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+}
+
+// x is fp32 [T][K] here (f16 inputs are widened first); explicit FMAs, no contraction needed.
+template <int MR, int NB, typename W>
+inline void fgemm_tile(const float* x, int K, const W* w, size_t bstride, __m512 (&acc)[MR][NB]) {
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  }
+  for (int k = 0; k < K; ++k) {
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = load_w(w + j * bstride + static_cast<size_t>(k) * kNr);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_set1_ps(x[static_cast<size_t>(m) * K + k]);
+      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_fmadd_ps(xv, wv[j], acc[m][j]);
+    }
+  }
+}
+
+inline void store_out(float* y, const __m512& v, __mmask16 m) { _mm512_mask_storeu_ps(y, m, v); }
+inline void store_out(uint16_t* y, const __m512& v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(y, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <int MR, int NB, typename W, typename Y>
+inline void fgemm_run(const float* x, int K, const W* w, size_t bstride, int t0, int b0, int N, Y* y) {
+  __m512 acc[MR][NB];
+  fgemm_tile<MR, NB>(x + static_cast<size_t>(t0) * K, K, w + b0 * bstride, bstride, acc);
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) {
+      const int n0 = (b0 + j) * kNr;
+      store_out(y + static_cast<size_t>(t0 + m) * N + n0, acc[m][j], tail16(N - n0));
+    }
+  }
+}
+
+template <typename W, typename Y>
+void fgemm(const float* x, int T, int K, const W* w, int N, Y* y) {
+  const int Nb = round_up(N, kNr) / kNr;
+  const size_t bstride = static_cast<size_t>(K) * kNr;
+  constexpr int kMr = 6, kNb = 2;
+  int b = 0;
+  if (T == 1) {
+    for (; b + 4 <= Nb; b += 4) fgemm_run<1, 4>(x, K, w, bstride, 0, b, N, y);
+  } else {
+    for (; b + kNb <= Nb; b += kNb) {
+      int t = 0;
+      for (; t + kMr <= T; t += kMr) fgemm_run<kMr, kNb>(x, K, w, bstride, t, b, N, y);
+      for (; t < T; ++t) fgemm_run<1, kNb>(x, K, w, bstride, t, b, N, y);
+    }
+  }
+  for (; b < Nb; ++b) {
+    for (int t = 0; t < T; ++t) fgemm_run<1, 1>(x, K, w, bstride, t, b, N, y);
+  }
+}
+
+void gemm_f32(const float* x, int T, int K, const void* w_packed, int N, float* y) {
+  fgemm(x, T, K, static_cast<const float*>(w_packed), N, y);
+}
+
+thread_local std::vector<float> tl_xf;
+
+void gemm_f16(const uint16_t* x, int T, int K, const void* w_packed, int N, uint16_t* y) {
+  const size_t n = static_cast<size_t>(T) * K;
+  float* xf = scratch(tl_xf, n);
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(xf + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
+  }
+  for (; i < n; ++i) xf[i] = _cvtsh_ss(x[i]);
+  fgemm(xf, T, K, static_cast<const uint16_t*>(w_packed), N, y);
+}
+
+}  // namespace
+
 const KernelTable* x86_avx512vnni_table() {
   static const KernelTable kTable = {
-      Isa::kAvx512Vnni, ref::quantize_rows, ref::w4_packed_size, ref::w4_pack, ref::qlinear_w4,
-      ref::w8_packed_size, ref::w8_pack, ref::qlinear_w8, ref::attn_qk, ref::attn_pv,
-      ref::f32_packed_size, ref::f32_pack, ref::gemm_f32, ref::f16_packed_size, ref::f16_pack,
-      ref::gemm_f16,
+      Isa::kAvx512Vnni, quantize_rows,   w4_packed_size, w4_pack,  qlinear_w4,      w8_packed_size,
+      w8_pack,          qlinear_w8,      attn_qk,        attn_pv,  f32_packed_size, f32_pack,
+      gemm_f32,         f16_packed_size, f16_pack,       gemm_f16,
   };
   return &kTable;
 }
+
 }  // namespace tfqat

@@ -1,0 +1,201 @@
+// TFQAT_ATTN_QK and TFQAT_ATTN_PV over an int8 / packed-int4 KV cache (contract:
+// tflite_ops/OPS.md). Scratch is sized in Prepare so Invoke never allocates.
+#include <cstring>
+#include <limits>
+
+#include "op_util.h"
+
+namespace tfqat {
+namespace delegate {
+
+using abi::TfLiteStatus;
+using abi::TfLiteTensor;
+using abi::TfLiteType;
+using abi::kTfLiteError;
+using abi::kTfLiteOk;
+
+namespace {
+
+// ---- attention: shared cache validation ----------------------------------------------------
+// Cache: i8 [Hkv, S_cap, D] (kv_bits=8) or u8 [Hkv, S_cap, ceil(D/2)] packed int4 (kv_bits=4).
+struct CacheShape {
+  int hkv = 0, s_cap = 0;
+};
+
+bool expect_cache(const TfLiteTensor* t, const char* what, int kv_bits, int D, CacheShape* out,
+                  std::string* e) {
+  const int row = kv_bits == 4 ? (D + 1) / 2 : D;
+  const std::string want = kv_bits == 4 ? format("[Hkv, S_cap, ceil(D/2)=%d] for kv_bits=4", row)
+                                        : format("[Hkv, S_cap, D=%d] for kv_bits=8", row);
+  if (!expect(t, what, kv_bits == 4 ? abi::kTfLiteUInt8 : abi::kTfLiteInt8, {-1, -1, row}, want,
+              e)) {
+    return false;
+  }
+  out->hkv = dim(t, 0);
+  out->s_cap = dim(t, 1);
+  return true;
+}
+
+// The number of valid cache positions S, read at Invoke: T <= S <= S_cap.
+bool read_length(NodeCtx& n, size_t input, int T, int s_cap, int* S) {
+  const int32_t len = *static_cast<const int32_t*>(n.input(input)->data);
+  if (len < T || len > s_cap) {
+    n.fail(format("input %zu (length) = %d must be in [T=%d, S_cap=%d]", input, len, T, s_cap));
+    return false;
+  }
+  *S = len;
+  return true;
+}
+
+bool configure_attn(const flex::Map& a, int* kv_bits, int* d, std::string* e) {
+  return attr_choice(a, "kv_bits", true, 0, {4, 8}, "4 or 8", kv_bits, e) &&
+         attr_dim(a, "d", d, e);
+}
+
+// ---- TFQAT_ATTN_QK -------------------------------------------------------------------------
+// in: q_codes i8 [H,T,D], q_scales f32 [T], k_cache, k_scales f32 [S_cap], length i32 [1]
+// out: scores f32 [H,T,S_cap]; query t sits at absolute position S-T+t and sees s <= S-T+t,
+// every other entry is -inf.
+class AttnQKOp : public OpKernel {
+ public:
+  bool configure(const flex::Map& a, std::string* e) override {
+    return configure_attn(a, &kv_bits_, &d_attr_, e);
+  }
+
+  TfLiteStatus prepare(NodeCtx& n) override {
+    if (expect_count(n, 5, 5, 1) != kTfLiteOk) return kTfLiteError;
+    std::string e;
+    const TfLiteTensor* q = n.input(0);
+    if (!expect(q, "input 0 (q_codes)", abi::kTfLiteInt8, {-1, -1, -1}, "[H, T, D]", &e)) {
+      return n.fail(e);
+    }
+    H_ = dim(q, 0);
+    T_ = dim(q, 1);
+    D_ = dim(q, 2);
+    if (D_ != d_attr_) {
+      return n.fail(format("input 0 (q_codes) has D=%d but attr d=%d", D_, d_attr_));
+    }
+    CacheShape c;
+    if (!expect(n.input(1), "input 1 (q_scales)", abi::kTfLiteFloat32, {T_}, format("[T=%d]", T_),
+                &e) ||
+        !expect_cache(n.input(2), "input 2 (k_cache)", kv_bits_, D_, &c, &e) ||
+        !expect(n.input(3), "input 3 (k_scales)", abi::kTfLiteFloat32, {c.s_cap},
+                format("[S_cap=%d]", c.s_cap), &e) ||
+        !expect(n.input(4), "input 4 (length)", abi::kTfLiteInt32, {1}, "[1]", &e)) {
+      return n.fail(e);
+    }
+    if (H_ % c.hkv != 0) {
+      return n.fail(format("H=%d query heads is not a multiple of Hkv=%d kv heads", H_, c.hkv));
+    }
+    if (T_ > c.s_cap) {
+      return n.fail(format("T=%d exceeds the cache capacity S_cap=%d", T_, c.s_cap));
+    }
+    hkv_ = c.hkv;
+    s_cap_ = c.s_cap;
+    if (shape_output(n, 0, "scores", abi::kTfLiteFloat32, {H_, T_, s_cap_},
+                     format("[H=%d, T=%d, S_cap=%d]", H_, T_, s_cap_)) != kTfLiteOk) {
+      return kTfLiteError;
+    }
+    return kTfLiteOk;
+  }
+
+  TfLiteStatus invoke(NodeCtx& n) override {
+    int S;
+    if (!read_length(n, 4, T_, s_cap_, &S)) return kTfLiteError;
+    float* out = static_cast<float*>(n.output(0)->data);
+    n.kt->attn_qk(static_cast<const int8_t*>(n.input(0)->data),
+                  static_cast<const float*>(n.input(1)->data), H_, T_, D_, n.input(2)->data,
+                  kv_bits_, static_cast<const float*>(n.input(3)->data), hkv_, S, s_cap_, out);
+    // The kernel wrote dense rows of S; spread them to the S_cap stride in place, last row
+    // first (row r moves to r*S_cap >= r*S, past every source row still to be moved).
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int r = H_ * T_ - 1; r >= 0; --r) {
+      const int visible = S - T_ + (r % T_) + 1;  // query t sees positions 0 .. S-T+t
+      float* o = out + static_cast<size_t>(r) * s_cap_;
+      if (S != s_cap_) std::memmove(o, out + static_cast<size_t>(r) * S, sizeof(float) * visible);
+      for (int s = visible; s < s_cap_; ++s) o[s] = neg_inf;
+    }
+    return kTfLiteOk;
+  }
+
+ private:
+  int kv_bits_ = 0, d_attr_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
+};
+
+// ---- TFQAT_ATTN_PV -------------------------------------------------------------------------
+// in: p_codes u8 [H,T,S_cap], p_scale f32 [1], v_cache, v_rowbits i32 [S_cap] (4/8),
+//     v_scales f32 [2], length i32 [1]; out: f32 [H,T,D], only s < S contribute.
+class AttnPVOp : public OpKernel {
+ public:
+  bool configure(const flex::Map& a, std::string* e) override {
+    return configure_attn(a, &kv_bits_, &D_, e);
+  }
+
+  TfLiteStatus prepare(NodeCtx& n) override {
+    if (expect_count(n, 6, 6, 1) != kTfLiteOk) return kTfLiteError;
+    std::string e;
+    CacheShape c;
+    if (!expect_cache(n.input(2), "input 2 (v_cache)", kv_bits_, D_, &c, &e)) return n.fail(e);
+    hkv_ = c.hkv;
+    s_cap_ = c.s_cap;
+    const TfLiteTensor* p = n.input(0);
+    if (!expect(p, "input 0 (p_codes)", abi::kTfLiteUInt8, {-1, -1, s_cap_},
+                format("[H, T, S_cap=%d]", s_cap_), &e)) {
+      return n.fail(e);
+    }
+    H_ = dim(p, 0);
+    T_ = dim(p, 1);
+    if (!expect(n.input(1), "input 1 (p_scale)", abi::kTfLiteFloat32, {1}, "[1]", &e) ||
+        !expect(n.input(3), "input 3 (v_rowbits)", abi::kTfLiteInt32, {s_cap_},
+                format("[S_cap=%d]", s_cap_), &e) ||
+        !expect(n.input(4), "input 4 (v_scales)", abi::kTfLiteFloat32, {2}, "[2]", &e) ||
+        !expect(n.input(5), "input 5 (length)", abi::kTfLiteInt32, {1}, "[1]", &e)) {
+      return n.fail(e);
+    }
+    if (H_ % hkv_ != 0) {
+      return n.fail(format("H=%d query heads is not a multiple of Hkv=%d kv heads", H_, hkv_));
+    }
+    if (T_ > s_cap_) return n.fail(format("T=%d exceeds the cache capacity S_cap=%d", T_, s_cap_));
+    if (shape_output(n, 0, "out", abi::kTfLiteFloat32, {H_, T_, D_},
+                     format("[H=%d, T=%d, D=%d]", H_, T_, D_)) != kTfLiteOk) {
+      return kTfLiteError;
+    }
+    dense_.resize(static_cast<size_t>(H_) * T_ * s_cap_);
+    rowbits_.resize(s_cap_);
+    return kTfLiteOk;
+  }
+
+  TfLiteStatus invoke(NodeCtx& n) override {
+    int S, bad;
+    if (!read_length(n, 5, T_, s_cap_, &S)) return kTfLiteError;
+    const int32_t* rowbits = static_cast<const int32_t*>(n.input(3)->data);
+    if (!bits_to_u8(rowbits, S, rowbits_.data(), &bad)) {
+      return n.fail(format("v_rowbits[%d] = %d; must be 4 or 8", bad, rowbits[bad]));
+    }
+    // The kernel reads rows of S probabilities; compact the [.., S_cap] rows when S < S_cap.
+    const uint8_t* p = static_cast<const uint8_t*>(n.input(0)->data);
+    if (S != s_cap_) {
+      for (int r = 0; r < H_ * T_; ++r) {
+        std::memcpy(dense_.data() + static_cast<size_t>(r) * S, p + static_cast<size_t>(r) * s_cap_,
+                    S);
+      }
+      p = dense_.data();
+    }
+    n.kt->attn_pv(p, *static_cast<const float*>(n.input(1)->data), H_, T_, S, n.input(2)->data,
+                  kv_bits_, rowbits_.data(), static_cast<const float*>(n.input(4)->data), hkv_,
+                  s_cap_, D_, static_cast<float*>(n.output(0)->data));
+    return kTfLiteOk;
+  }
+
+ private:
+  int kv_bits_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
+  std::vector<uint8_t> dense_, rowbits_;
+};
+
+}  // namespace
+
+std::unique_ptr<OpKernel> make_attn_qk() { return std::make_unique<AttnQKOp>(); }
+std::unique_ptr<OpKernel> make_attn_pv() { return std::make_unique<AttnPVOp>(); }
+
+}  // namespace delegate
+}  // namespace tfqat

@@ -1,0 +1,223 @@
+// TFQAT_QUANTIZE, TFQAT_SELECT_BITS and TFQAT_QLINEAR (contract: tflite_ops/OPS.md). Scratch is
+// sized in Prepare so Invoke never allocates.
+#include "op_util.h"
+
+namespace tfqat {
+namespace delegate {
+
+using abi::TfLiteStatus;
+using abi::TfLiteTensor;
+using abi::TfLiteType;
+using abi::kTfLiteError;
+using abi::kTfLiteOk;
+
+namespace {
+
+// ---- TFQAT_QUANTIZE ------------------------------------------------------------------------
+// in: x f32 [T,K], bits i32 [T], scales f32 [2] (static; ignored/absent when dynamic)
+// out: codes i8 [T,K], scales f32 [T]
+class QuantizeOp : public OpKernel {
+ public:
+  bool configure(const flex::Map& a, std::string* e) override {
+    return attr_choice(a, "mode", false, 0, {0, 1}, "0 (static) or 1 (dynamic)", &mode_, e);
+  }
+
+  TfLiteStatus prepare(NodeCtx& n) override {
+    if (expect_count(n, mode_ == 0 ? 3 : 2, 3, 2) != kTfLiteOk) return kTfLiteError;
+    std::string e;
+    const TfLiteTensor* x = n.input(0);
+    if (!expect(x, "input 0 (x)", abi::kTfLiteFloat32, {-1, -1}, "[T, K]", &e)) return n.fail(e);
+    T_ = dim(x, 0);
+    K_ = dim(x, 1);
+    if (!expect(n.input(1), "input 1 (bits)", abi::kTfLiteInt32, {T_}, format("[T=%d]", T_), &e) ||
+        (mode_ == 0 &&
+         !expect(n.input(2), "input 2 (scales)", abi::kTfLiteFloat32, {2}, "[2] for mode=0", &e))) {
+      return n.fail(e);
+    }
+    if (shape_output(n, 0, "codes", abi::kTfLiteInt8, {T_, K_},
+                     format("[T=%d, K=%d]", T_, K_)) != kTfLiteOk ||
+        shape_output(n, 1, "scales", abi::kTfLiteFloat32, {T_},
+                     format("[T=%d]", T_)) != kTfLiteOk) {
+      return kTfLiteError;
+    }
+    bits_.resize(T_);
+    return kTfLiteOk;
+  }
+
+  TfLiteStatus invoke(NodeCtx& n) override {
+    int bad;
+    const int32_t* bits = static_cast<const int32_t*>(n.input(1)->data);
+    if (!bits_to_u8(bits, T_, bits_.data(), &bad)) {
+      return n.fail(format("bits[%d] = %d; must be 4 or 8", bad, bits[bad]));
+    }
+    const float* scales = mode_ == 0 ? static_cast<const float*>(n.input(2)->data) : nullptr;
+    n.kt->quantize_rows(static_cast<const float*>(n.input(0)->data), T_, K_, bits_.data(), scales,
+                        static_cast<int8_t*>(n.output(0)->data),
+                        static_cast<float*>(n.output(1)->data));
+    return kTfLiteOk;
+  }
+
+ private:
+  int mode_ = 0, T_ = 0, K_ = 0;
+  std::vector<uint8_t> bits_;
+};
+
+// ---- TFQAT_SELECT_BITS ---------------------------------------------------------------------
+// in: importance f32 [T] (+ threshold f32 [1] when mode=1); out: bits i32 [T]
+class SelectBitsOp : public OpKernel {
+ public:
+  bool configure(const flex::Map& a, std::string* e) override {
+    if (!attr_choice(a, "mode", false, 0, {0, 1}, "0 (top-k) or 1 (threshold)", &mode_, e)) {
+      return false;
+    }
+    if (mode_ == 1) return true;
+    double rho;
+    if (!attr_float(a, "rho", true, 0.0, &rho, e)) return false;
+    if (!(rho >= 0.0 && rho <= 1.0)) {
+      *e = format("attr rho must be in [0, 1], got %g", rho);
+      return false;
+    }
+    rho_ = static_cast<float>(rho);
+    return true;
+  }
+
+  TfLiteStatus prepare(NodeCtx& n) override {
+    const size_t inputs = mode_ == 0 ? 1 : 2;
+    if (expect_count(n, inputs, inputs, 1) != kTfLiteOk) return kTfLiteError;
+    std::string e;
+    const TfLiteTensor* imp = n.input(0);
+    if (!expect(imp, "input 0 (importance)", abi::kTfLiteFloat32, {-1}, "[T]", &e)) {
+      return n.fail(e);
+    }
+    T_ = dim(imp, 0);
+    if (mode_ == 1 && !expect(n.input(1), "input 1 (threshold)", abi::kTfLiteFloat32, {1},
+                              "[1] for mode=1", &e)) {
+      return n.fail(e);
+    }
+    if (shape_output(n, 0, "bits", abi::kTfLiteInt32, {T_}, format("[T=%d]", T_)) != kTfLiteOk) {
+      return kTfLiteError;
+    }
+    bits_.resize(T_);
+    return kTfLiteOk;
+  }
+
+  TfLiteStatus invoke(NodeCtx& n) override {
+    const float* imp = static_cast<const float*>(n.input(0)->data);
+    if (mode_ == 0) {
+      select_bits_topk(imp, T_, rho_, bits_.data());
+    } else {
+      select_bits_threshold(imp, T_, *static_cast<const float*>(n.input(1)->data), bits_.data());
+    }
+    int32_t* out = static_cast<int32_t*>(n.output(0)->data);
+    for (int t = 0; t < T_; ++t) out[t] = bits_[t];
+    return kTfLiteOk;
+  }
+
+ private:
+  int mode_ = 0, T_ = 0;
+  float rho_ = 0.0f;
+  std::vector<uint8_t> bits_;
+};
+
+// ---- TFQAT_QLINEAR -------------------------------------------------------------------------
+// in: x f32 [T,K], bits i32 [T], act_scales f32 [2], w (u8 [N,ceil(K/2)] | i8 [N,K]),
+//     w_scales f32 [N], optional bias f32 [N]; out: y f32 [T,N]
+class QLinearOp : public OpKernel {
+ public:
+  bool configure(const flex::Map& a, std::string* e) override {
+    return attr_choice(a, "w_bits", true, 0, {4, 8}, "4 or 8", &w_bits_, e) &&
+           attr_dim(a, "k", &k_attr_, e) &&
+           attr_choice(a, "act_mode", false, 0, {0, 1}, "0 (static) or 1 (dynamic)", &act_mode_, e);
+  }
+
+  TfLiteStatus prepare(NodeCtx& n) override {
+    if (expect_count(n, 5, 6, 1) != kTfLiteOk) return kTfLiteError;
+    std::string e;
+    const TfLiteTensor* x = n.input(0);
+    if (!expect(x, "input 0 (x)", abi::kTfLiteFloat32, {-1, -1}, "[T, K]", &e)) return n.fail(e);
+    T_ = dim(x, 0);
+    K_ = dim(x, 1);
+    if (K_ != k_attr_) return n.fail(format("input 0 (x) has K=%d but attr k=%d", K_, k_attr_));
+    if (!expect(n.input(1), "input 1 (bits)", abi::kTfLiteInt32, {T_}, format("[T=%d]", T_), &e) ||
+        (act_mode_ == 0 && !expect(n.input(2), "input 2 (act_scales)", abi::kTfLiteFloat32, {2},
+                                   "[2] for act_mode=0", &e))) {
+      return n.fail(e);
+    }
+    const TfLiteTensor* w = n.input(3);
+    const int row = w_bits_ == 4 ? (K_ + 1) / 2 : K_;
+    const std::string want = w_bits_ == 4 ? format("[N, ceil(K/2)=%d] for w_bits=4", row)
+                                          : format("[N, K=%d] for w_bits=8", row);
+    if (!expect(w, "input 3 (weights)", w_bits_ == 4 ? abi::kTfLiteUInt8 : abi::kTfLiteInt8,
+                {-1, row}, want, &e)) {
+      return n.fail(e);
+    }
+    N_ = dim(w, 0);
+    if (!expect(n.input(4), "input 4 (w_scales)", abi::kTfLiteFloat32, {N_}, format("[N=%d]", N_),
+                &e) ||
+        (n.input(5) && !expect(n.input(5), "input 5 (bias)", abi::kTfLiteFloat32, {N_},
+                               format("[N=%d]", N_), &e))) {
+      return n.fail(e);
+    }
+    if (shape_output(n, 0, "y", abi::kTfLiteFloat32, {T_, N_},
+                     format("[T=%d, N=%d]", T_, N_)) != kTfLiteOk) {
+      return kTfLiteError;
+    }
+    codes_.resize(static_cast<size_t>(T_) * K_);
+    xs_.resize(T_);
+    bits_.resize(T_);
+    // Weights from the model file are packed once and shared across nodes; weights computed in
+    // Prepare (persistent read-only) are packed here; graph inputs at every Invoke.
+    shared_.reset();
+    own_.clear();
+    constant_w_ = is_constant(w);
+    if (w->allocation_type == abi::kTfLiteMmapRo) {
+      shared_ = n.packs->get(n.kt, w->data, w_bits_, N_, K_);
+      return kTfLiteOk;
+    }
+    own_.resize(w_bits_ == 4 ? n.kt->w4_packed_size(N_, K_) : n.kt->w8_packed_size(N_, K_));
+    if (constant_w_) pack_own(n);
+    return kTfLiteOk;
+  }
+
+  TfLiteStatus invoke(NodeCtx& n) override {
+    int bad;
+    const int32_t* bits = static_cast<const int32_t*>(n.input(1)->data);
+    if (!bits_to_u8(bits, T_, bits_.data(), &bad)) {
+      return n.fail(format("bits[%d] = %d; must be 4 or 8", bad, bits[bad]));
+    }
+    if (!constant_w_) pack_own(n);
+    const float* act = act_mode_ == 0 ? static_cast<const float*>(n.input(2)->data) : nullptr;
+    n.kt->quantize_rows(static_cast<const float*>(n.input(0)->data), T_, K_, bits_.data(), act,
+                        codes_.data(), xs_.data());
+    const TfLiteTensor* bias = n.input(5);
+    const QLinearFn fn = w_bits_ == 4 ? n.kt->qlinear_w4 : n.kt->qlinear_w8;
+    fn(codes_.data(), xs_.data(), bits_.data(), T_, K_,
+       shared_ ? shared_->data() : own_.data(),
+       static_cast<const float*>(n.input(4)->data),
+       bias ? static_cast<const float*>(bias->data) : nullptr, N_,
+       static_cast<float*>(n.output(0)->data));
+    return kTfLiteOk;
+  }
+
+ private:
+  void pack_own(const NodeCtx& n) {
+    (w_bits_ == 4 ? n.kt->w4_pack : n.kt->w8_pack)(n.input(3)->data, N_, K_, own_.data());
+  }
+
+  int w_bits_ = 0, k_attr_ = 0, act_mode_ = 0, T_ = 0, K_ = 0, N_ = 0;
+  bool constant_w_ = false;
+  PackCache::Packed shared_;   // weights from the model file
+  std::vector<uint8_t> own_;   // any other weights
+  std::vector<int8_t> codes_;
+  std::vector<float> xs_;
+  std::vector<uint8_t> bits_;
+};
+
+}  // namespace
+
+std::unique_ptr<OpKernel> make_quantize() { return std::make_unique<QuantizeOp>(); }
+std::unique_ptr<OpKernel> make_select_bits() { return std::make_unique<SelectBitsOp>(); }
+std::unique_ptr<OpKernel> make_qlinear() { return std::make_unique<QLinearOp>(); }
+
+}  // namespace delegate
+}  // namespace tfqat

@@ -41,9 +41,12 @@ class CMakeBuild(build_ext):
         tmp = out.with_suffix(".so.tmp")
         shutil.copy2(build_dir / "libtfqat_ops.so", tmp)
         os.replace(tmp, out)
-        bench = build_dir / "tfqat_bench"
-        if bench.exists():
-            shutil.copy2(bench, out.parent / "tfqat_bench")
+        # Editable installs copy only the extension into the source tree; place the bench there too.
+        dests = {out.parent}
+        if self.inplace or getattr(self, "editable_mode", False):
+            dests.add(ROOT / "tfqat" / "_lib")
+        for dest in dests:
+            shutil.copy2(build_dir / "tfqat_bench", dest / "tfqat_bench")
 
 
 setup(

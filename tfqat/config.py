@@ -106,6 +106,59 @@ class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
 
 
+class QATTrainConfig(TrainConfig):
+    """The QAT stage's optimiser and schedule (TrainConfig's keys, QAT defaults).
+
+    The student starts from the teacher, so the learning rate is a fine-tuning one (EdgeQAT's
+    2.5e-4 at batch 32) with a short warm-up; no weight decay pulls weights off the grid the
+    scales were calibrated for.
+    """
+
+    steps: int = Field(400, ge=1)
+    lr: float = Field(2.5e-4, gt=0)
+    warmup_steps: int = Field(40, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+
+
+class QATLossConfig(_Strict):
+    """``L = L_distill + entropy * L_E + distribution * L_D`` (METHOD.md sec. 2)."""
+
+    gamma: float = Field(0.5, ge=0, le=1)  # weight of KL vs CE in the distillation loss
+    temperature: float = Field(2.0, gt=0)
+    entropy: float = Field(0.5, ge=0)  # r_E; 0 switches the entropy loss off
+    entropy_form: Literal["paper", "reference"] = "paper"
+    distribution: float = Field(1.0, ge=0)  # r_D; 0 switches the distribution loss off
+    distribution_form: Literal["cos", "paper"] = "cos"
+    extra_teachers: list[str] = []  # more FP teacher weight files; logits averaged with the run's
+
+
+class QATConfig(_Strict):
+    """Quantization-aware training of the student: recipe, schedule, losses, calibration."""
+
+    recipe: str = "w4a4-8"  # a name from tfqat.quant.recipes.RECIPES or a recipe YAML path
+    rho: Optional[float] = Field(None, ge=0, le=1)  # 8-bit token fraction; None = the recipe's
+    train: QATTrainConfig = QATTrainConfig()
+    losses: QATLossConfig = QATLossConfig()
+    calib_batches: int = Field(4, ge=1)  # training batches that initialise every scale (RTN)
+    ptq_recipes: list[str] = ["w8a8", "w4a8", "w4a4-8", "w4a4"]  # RTN rows of the report
+
+    @model_validator(mode="after")
+    def _recipes(self) -> "QATConfig":
+        from tfqat.quant.recipes import RecipeError, get_recipe
+
+        for key, names in (("recipe", [self.recipe]), ("ptq_recipes", self.ptq_recipes)):
+            for name in names:
+                try:
+                    r = get_recipe(name)
+                except RecipeError as e:
+                    raise ValueError(f"{key}: {e}") from None
+                if key == "recipe" and self.rho is not None and not r.adaptive:
+                    raise ValueError(f"rho: recipe {r.name!r} is not token-adaptive; drop rho or "
+                                     "use w4a4-8")
+        return self
+
+
 class RunConfig(_Strict):
     """A whole run: model, data, FP training, QAT and evaluation."""
 
@@ -114,7 +167,7 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    qat: dict[str, Any] = {}  # validated by tfqat.quant when QAT runs
+    qat: QATConfig = QATConfig()
     runs_dir: str = "runs"
 
     @model_validator(mode="after")

@@ -1,0 +1,392 @@
+"""``quantize_model(model, recipe)``: the Keras 3 QAT entry point, plus RTN, size, loss and stage.
+
+Two steps, torchao style: :func:`quantize_model` *prepares* a student (a new model of the same
+config, the teacher's weights copied, a quantizer in every slot the recipe names), then either
+:func:`calibrate` alone (RTN post-training quantization: every scale set from a few batches, no
+training) or :func:`qat_stage` (calibrate, then train with :func:`qat_loss`).
+
+Slots are filled by name through :data:`ACT_SLOTS` / :func:`weight_quantizer_for`, never by
+``isinstance``: a block's ``linears()`` all take a weight quantizer, and each of its
+``quant_points()`` names a rule ("act", "kv", "probs") that maps a recipe to an
+:class:`ActQuantizer` (or ``None`` = stays float). A point whose name has no rule is an error,
+so a model family that adds a point cannot silently stay float.
+
+Example:
+    >>> from tfqat.config import ModelConfig
+    >>> from tfqat.models import build_model
+    >>> teacher = build_model(ModelConfig(vocab_size=64, hidden=16, layers=1, heads=2, ffn=32))
+    >>> student = quantize_model(teacher, "w4a4-8")
+    >>> logits = student(tf.zeros((1, 8), tf.int32), token_bits=student.token_bits)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfqat.quant.losses import distillation_loss, distribution_loss, entropy_loss
+from tfqat.quant.quantizers import ActQuantizer, WeightQuantizer, qrange
+from tfqat.quant.recipes import Recipe, get_recipe
+from tfqat.quant.token_bits import select_token_bits
+
+RecipeLike = Union[str, dict, Recipe]
+
+# -- slot registry ---------------------------------------------------------------------------
+
+# Which bit width of the recipe each activation point takes.
+ACT_SLOTS: dict[str, str] = {
+    "attn_in": "act", "q": "act", "mlp_in": "act", "mlp_act": "act",  # activations
+    "k": "kv", "v": "kv",  # what the KV cache stores
+    "probs": "probs",  # softmax probabilities: unsigned, min-max init, never token-adaptive
+}
+
+
+def _act_rule(recipe: Recipe, bits: Optional[int]) -> Optional[ActQuantizer]:
+    if bits is None:
+        return None
+    if recipe.adaptive:
+        return ActQuantizer(bits, adaptive=True, low_bits=recipe.low_bits)
+    return ActQuantizer(bits, asymmetric=recipe.act_asymmetric)
+
+
+SLOT_RULES: dict[str, Callable[[Recipe], Optional[keras.layers.Layer]]] = {
+    "act": lambda r: _act_rule(r, r.a_bits),
+    "kv": lambda r: _act_rule(r, r.kv_bits),
+    "probs": lambda r: None if r.probs_bits is None else ActQuantizer(r.probs_bits, signed=False, init="minmax"),
+}
+
+
+def weight_quantizer_for(recipe: Recipe) -> Optional[WeightQuantizer]:
+    return None if recipe.w_bits is None else WeightQuantizer(recipe.w_bits, recipe.weight_granularity)
+
+
+def act_quantizer_for(point_name: str, recipe: Recipe) -> Optional[keras.layers.Layer]:
+    """The quantizer a recipe puts at an activation point (by the point's name)."""
+    try:
+        rule = ACT_SLOTS[point_name]
+    except KeyError:
+        raise ValueError(f"quantize_model: activation point {point_name!r} has no rule; add it to "
+                         f"tfqat.quant.qat.ACT_SLOTS") from None
+    return SLOT_RULES[rule](recipe)
+
+
+def make_token_bits(recipe: Recipe) -> Optional[Callable[[tf.Tensor], tf.Tensor]]:
+    """``importance (B, T) -> bits (B, T)`` for an adaptive recipe (top ``rho*T`` at 8), else None."""
+    if not recipe.adaptive:
+        return None
+    rho = float(recipe.rho)
+    return lambda importance: select_token_bits(importance, rho)
+
+
+# -- prepare ---------------------------------------------------------------------------------
+
+
+def quantize_model(model: keras.Model, recipe: RecipeLike, name: str = "student") -> keras.Model:
+    """A new model of ``model``'s config with its weights and fake-quantizers in every slot.
+
+    The teacher is left untouched. The student carries ``student.recipe`` and
+    ``student.token_bits`` (the callable to pass as ``student(x, token_bits=...)``; ``None``
+    for non-adaptive recipes). Quantizer variables are created by a forward pass here; their
+    scales stay uninitialised until :func:`calibrate` or the first training step.
+
+    Raises:
+        RecipeError: bad recipe name or bit width (one line).
+    """
+    from tfqat.models import build_model
+
+    recipe = get_recipe(recipe)
+    student = build_model(model.config, name=name)
+    student.set_weights(model.get_weights())
+    for block in student.blocks:
+        for linear in block.linears().values():
+            linear.set_weight_quantizer(weight_quantizer_for(recipe))
+        for point_name, point in block.quant_points().items():
+            point.set_quantizer(act_quantizer_for(point_name, recipe))
+    student.recipe = recipe
+    student.token_bits = make_token_bits(recipe)
+    student(tf.zeros((1, 2), tf.int32), token_bits=student.token_bits)  # build the quantizers
+    return student
+
+
+def quantizers(student: keras.Model) -> dict[str, keras.layers.Layer]:
+    """Every attached quantizer by path ``block_i/<slot>``."""
+    out = {}
+    for block in student.blocks:
+        for name, linear in block.linears().items():
+            if linear.weight_quantizer is not None:
+                out[f"{block.name}/{name}"] = linear.weight_quantizer
+        for name, point in block.quant_points().items():
+            if point.quantizer is not None:
+                out[f"{block.name}/{name}"] = point.quantizer
+    return out
+
+
+# -- RTN calibration -------------------------------------------------------------------------
+
+
+def _mse_weight_scale(w: tf.Tensor, bits: int, per_channel: bool, grid: int = 40) -> tf.Tensor:
+    """Per-channel (or per-tensor) scale minimising ``||w - fq(w)||^2`` over clip ratios 0.3..1."""
+    qmin, qmax = qrange(bits, True)
+    axes = [0] if per_channel else None
+    peak = tf.maximum(tf.reduce_max(tf.abs(w), axis=axes), 1e-8)  # (out,) or ()
+    ratios = tf.linspace(0.3, 1.0, grid)
+    best_err, best_s = None, None
+    for i in range(grid):
+        s = peak * ratios[i] / qmax
+        err = tf.reduce_sum(tf.square(tf.clip_by_value(tf.round(w / s), qmin, qmax) * s - w), axis=axes)
+        if best_err is None:
+            best_err, best_s = err, s
+        else:
+            better = err < best_err
+            best_err, best_s = tf.where(better, err, best_err), tf.where(better, s, best_s)
+    return best_s
+
+
+def calibrate(student: keras.Model, batches: Iterable, weight_mse: bool = True) -> None:
+    """RTN post-training quantization: initialise every scale from data, train nothing.
+
+    Activation scales take their quantizer's own data init (LSQ ``2 mean|x| / sqrt(Qp)``;
+    min-max for probs) over all ``batches`` at once (one forward on their concatenation, with
+    the recipe's token bits); weight scales take the per-channel clip that minimises the
+    squared rounding error (``weight_mse=False``: the LSQ init instead). Re-calibrating
+    overwrites earlier scales.
+
+    Args:
+        batches: iterable of ``inputs`` or ``(inputs, targets)`` int ``(B, T)``.
+    """
+    xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    if not xs:
+        raise ValueError("calibrate: no batches; pass at least one (inputs, targets) batch")
+    x = tf.concat([tf.convert_to_tensor(b, tf.int32) for b in xs], axis=0)
+    for q in quantizers(student).values():
+        q.initialized.assign(False)
+    student(x, training=True, token_bits=student.token_bits)  # stores every data init
+    if weight_mse:
+        for block in student.blocks:
+            for linear in block.linears().values():
+                wq = linear.weight_quantizer
+                if wq is not None and wq.spec.bits < 16:
+                    s = _mse_weight_scale(tf.convert_to_tensor(linear.kernel), wq.spec.bits,
+                                          wq.spec.granularity == "channel")
+                    wq.scale.assign(tf.reshape(s, wq.scale.shape))
+
+
+# -- size ------------------------------------------------------------------------------------
+
+
+def projection_shapes(cfg) -> list[tuple[int, int, bool]]:
+    """``(in, out, bias)`` of every quantizable projection of a model config."""
+    hd = cfg.head_dim
+    attn = [(cfg.hidden, cfg.heads * hd), (cfg.hidden, cfg.num_kv_heads * hd),
+            (cfg.hidden, cfg.num_kv_heads * hd), (cfg.heads * hd, cfg.hidden)]
+    if cfg.arch == "llama":
+        mlp = [(cfg.hidden, cfg.ffn), (cfg.hidden, cfg.ffn), (cfg.ffn, cfg.hidden)]
+    else:
+        mlp = [(cfg.hidden, cfg.ffn), (cfg.ffn, cfg.hidden)]
+    bias = cfg.arch == "gpt2"
+    return [(i, o, bias) for i, o in attn + mlp] * cfg.layers
+
+
+def model_size_bytes(cfg, recipe: Optional[RecipeLike] = None) -> dict:
+    """Stored model size at the recipe's bit widths (``recipe=None``: all float32).
+
+    Counts: projection weights at ``w_bits`` (int4 packed two per byte) plus one float32 scale
+    per output channel (or per matrix); projection biases float32; embeddings, lm_head and
+    norms float32; activation quantizers 4 bytes per scale (8-bit and 4-bit scale when
+    adaptive, plus a zero point when asymmetric). Not counted: the KV cache (runtime memory).
+
+    Returns:
+        ``{"total", "projections", "scales", "float"}`` in bytes.
+    """
+    from tfqat.models import param_count
+
+    recipe = None if recipe is None else get_recipe(recipe)
+    projs = projection_shapes(cfg)
+    proj_params = sum(i * o for i, o, _ in projs)
+    bias_params = sum(o for _, o, b in projs if b)
+    float_params = param_count(cfg) - proj_params  # embeddings, norms, lm_head, biases
+    if recipe is None or recipe.w_bits is None:
+        proj_bytes, scale_bytes = 4 * proj_params, 0
+    else:
+        proj_bytes = sum(math.ceil(i * o * recipe.w_bits / 8) for i, o, _ in projs)
+        scale_bytes = 4 * (sum(o for _, o, _ in projs) if recipe.weight_granularity == "channel" else len(projs))
+        per_point = 0
+        for rule in ACT_SLOTS.values():
+            q = SLOT_RULES[rule](recipe)
+            if q is not None:
+                per_point += 4 * (1 + q.spec.adaptive + q.spec.asymmetric)
+        scale_bytes += per_point * cfg.layers
+    assert bias_params <= float_params
+    total = proj_bytes + scale_bytes + 4 * float_params
+    return {"total": total, "projections": proj_bytes, "scales": scale_bytes, "float": 4 * float_params}
+
+
+# -- loss ------------------------------------------------------------------------------------
+
+
+def qat_loss(student: keras.Model, teachers: Union[keras.Model, list], losses) -> Callable:
+    """``(x, y, training) -> (loss, metrics)``: distill + r_E * entropy + r_D * distribution.
+
+    Args:
+        teachers: the FP teacher (or several; their logits are averaged; the first one's
+            attention maps are the distribution loss's target). Run inside the same step,
+            frozen.
+        losses: a :class:`~tfqat.config.QATLossConfig` (weights and forms).
+    """
+    teachers = list(teachers) if isinstance(teachers, (list, tuple)) else [teachers]
+    for t in teachers:
+        t.trainable = False  # the tape never watches the teacher's variables
+    need_maps = losses.distribution > 0
+
+    def fn(x, y, training):
+        t_logits, t_int = [], None
+        for i, t in enumerate(teachers):
+            if i == 0 and need_maps:
+                logits, t_int = t(x, training=False, return_internals=True)
+            else:
+                logits = t(x, training=False)
+            t_logits.append(tf.stop_gradient(logits))
+        s_logits, s_int = student(x, training=training, return_internals=True, token_bits=student.token_bits)
+        l_kd = distillation_loss(s_logits, t_logits, y, losses.gamma, losses.temperature)
+        total = l_kd
+        metrics = {"distill": l_kd}
+        if losses.entropy > 0:
+            l_e = entropy_loss(s_int["q"], s_int["k"], losses.entropy_form)
+            total += losses.entropy * l_e
+            metrics["entropy"] = l_e
+        if need_maps:
+            l_d = distribution_loss(s_int["scores"], [tf.stop_gradient(s) for s in t_int["scores"]],
+                                    losses.distribution_form)
+            total += losses.distribution * l_d
+            metrics["distribution"] = l_d
+        metrics["ce"] = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=tf.cast(s_logits, tf.float32)))
+        return total, metrics
+
+    return fn
+
+
+def logprob_fn(student: keras.Model):
+    """A :data:`tfqat.evaluate.LogprobFn` for a student, with its recipe's token bits."""
+
+    @tf.function(reduce_retracing=True)
+    def fn(x, y):
+        logits = tf.cast(student(x, training=False, token_bits=student.token_bits), tf.float32)
+        return -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+
+    return lambda x, y: fn(tf.constant(x, tf.int32), tf.constant(y, tf.int32)).numpy()
+
+
+# -- stages ----------------------------------------------------------------------------------
+
+
+def stage_dir(cfg, recipe: Recipe, tag: Optional[str] = None) -> Path:
+    return cfg.run_dir / f"qat-{tag or recipe.name}"
+
+
+def calibration_batches(cfg, data, n: Optional[int] = None) -> list:
+    """``n`` training batches at steps past the FP run's, so calibration sees fresh windows."""
+    from tfqat.data import train_dataset
+
+    n = n or cfg.qat.calib_batches
+    q = cfg.qat.train
+    ds = train_dataset(data.ids["train"], cfg.data.seq_len, q.batch_size, q.seed + 7919, 0, n)
+    return [x for x, _ in ds]
+
+
+def resolve_recipe(cfg, recipe: Optional[RecipeLike] = None) -> Recipe:
+    r = get_recipe(recipe if recipe is not None else cfg.qat.recipe)
+    if recipe is None and cfg.qat.rho is not None and cfg.qat.rho != r.rho:
+        r = r.with_rho(cfg.qat.rho)
+    return r
+
+
+def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = None, qat=None,
+              tag: Optional[str] = None, progress: bool = True) -> tuple[keras.Model, dict]:
+    """Calibrate and quantization-aware train a student; resumable, reused when done.
+
+    Writes ``runs/<name>/qat-<tag or recipe>/``: ``ckpt/``, ``metrics.csv``, ``tensorboard/``,
+    ``student.weights.h5``, ``recipe.json`` and ``result.json``.
+
+    Args:
+        recipe: default ``cfg.qat.recipe`` (with ``cfg.qat.rho``).
+        qat: a :class:`~tfqat.config.QATConfig` overriding ``cfg.qat`` (ablation rows).
+    """
+    from tfqat.config import config_to_dict
+    from tfqat.data import train_dataset
+    from tfqat.pipeline import _claim_stage_dir, fingerprint, teacher_path, write_json_atomic
+    from tfqat.training import save_weights_atomic, seed_everything, train_loop
+
+    qat = qat or cfg.qat
+    recipe = resolve_recipe(cfg.model_copy(update={"qat": qat}), recipe)
+    stage = stage_dir(cfg, recipe, tag)
+    fp = fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), cfg.data.seq_len, data.key,
+                     config_to_dict(qat), recipe.to_dict())
+    _claim_stage_dir(stage, fp, "QAT student")
+    result_path, weights = stage / "result.json", stage / "student.weights.h5"
+    seed_everything(qat.train.seed)
+    student = quantize_model(teacher, recipe)
+    if weights.is_file() and result_path.is_file():
+        student.load_weights(str(weights))
+        return student, {**json.loads(result_path.read_text()), "reused": True}
+    t0 = time.perf_counter()
+    calibrate(student, calibration_batches(cfg, data, qat.calib_batches))
+    calib_s = time.perf_counter() - t0
+    teachers = [teacher]
+    for path in qat.losses.extra_teachers:
+        from tfqat.models import build_model
+
+        extra = build_model(cfg.model, name=f"teacher_{len(teachers)}")
+        extra.load_weights(path)
+        teachers.append(extra)
+    t = qat.train
+    res = train_loop(
+        stage, student, qat_loss(student, teachers, qat.losses),
+        lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
+        t, t.steps, t.batch_size * cfg.data.seq_len, desc=f"QAT {recipe.name}", progress=progress,
+    )
+    save_weights_atomic(student, weights)
+    write_json_atomic(stage / "recipe.json", recipe.to_dict())
+    result = {"recipe": recipe.name, "steps": res.steps, "final_loss": res.final_loss,
+              "tokens_per_s": res.tokens_per_s, "wall_s": res.wall_s, "calib_s": calib_s,
+              "resumed_from": res.resumed_from, "tokens_seen": res.steps * t.batch_size * cfg.data.seq_len,
+              "teacher": str(teacher_path(cfg))}
+    write_json_atomic(result_path, result)
+    return student, {**result, "reused": False}
+
+
+def rtn_student(cfg, data, teacher: keras.Model, recipe: RecipeLike) -> keras.Model:
+    """Post-training round-to-nearest quantization: quantize, calibrate, no training."""
+    student = quantize_model(teacher, recipe, name="rtn")
+    calibrate(student, calibration_batches(cfg, data))
+    return student
+
+
+def load_student(cfg, path: Union[str, Path]) -> keras.Model:
+    """Rebuild a trained student from its stage folder (or a run folder: ``qat-<cfg recipe>``).
+
+    Returns a model with ``.recipe`` and ``.token_bits``, weights and scales loaded.
+
+    Raises:
+        FileNotFoundError: no ``student.weights.h5`` / ``recipe.json`` there.
+    """
+    from tfqat.models import build_model
+
+    path = Path(path)
+    if not (path / "recipe.json").is_file() and (path / f"qat-{resolve_recipe(cfg).name}").is_dir():
+        path = path / f"qat-{resolve_recipe(cfg).name}"
+    rfile, wfile = path / "recipe.json", path / "student.weights.h5"
+    if not rfile.is_file() or not wfile.is_file():
+        raise FileNotFoundError(f"{path}: no trained student (recipe.json + student.weights.h5); "
+                                "run python -m tfqat.train first")
+    recipe = get_recipe(json.loads(rfile.read_text()))
+    student = quantize_model(build_model(cfg.model, name="teacher"), recipe)
+    student.load_weights(str(wfile))
+    return student

@@ -1,0 +1,77 @@
+"""android_bench: tfqat's kernels measured on phones (adb), Linux boards (ssh), the host (local)
+and an emulated aarch64 CPU (qemu; exact instruction counts, never time).
+
+    python -m android_bench build                       # cross-compile for arm64
+    python -m android_bench run --transport adb --serial S [--model m.tflite] [--out DIR]
+    python -m android_bench run --transport ssh --host user@board
+    python -m android_bench run --transport emulated     # instruction counts under qemu
+
+Modules: build (toolchains, artifacts, manifest), transports (Adb, Ssh, Local, Emulated and the
+run itself), report (report.md / report.json / report.png, Table IV layout).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["BenchError", "DEVICE_DIR", "REPO_ROOT", "SCHEMA", "atomic_write_text", "atomic_write_json"]
+
+#: where pushed files live on an Android device (and, by default, on an ssh board)
+DEVICE_DIR = "/data/local/tmp/tfqat"
+#: the JSON result schema every transport writes
+SCHEMA = "tfqat.android_bench.result/1"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class BenchError(Exception):
+    """A failure with a one-line message for the user.
+
+    kind: no-device, unauthorized, offline, disconnected, timeout, abi, build, command, usage.
+    """
+
+    def __init__(self, message: str, kind: str = "command"):
+        super().__init__(" ".join(str(message).split()))  # always one line
+        self.kind = kind
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text so that readers see the old file or the whole new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

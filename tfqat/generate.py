@@ -1,0 +1,92 @@
+"""``python -m tfqat.generate --model model.tflite --prompt "..."``: stream tokens from an export.
+
+Greedy by default; ``--temperature T`` samples (with ``--top-k K`` and ``--seed S``). The tokenizer
+is ``tokenizer.json`` next to the model (written by ``python -m tfqat.export``) or ``--tokenizer``.
+Imports no TensorFlow: LiteRT, our delegate library and the ``tokenizers`` package only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+EOS = "<|endoftext|>"
+
+
+def load_tokenizer(model_path: Path, tokenizer: Optional[str] = None):
+    from tokenizers import Tokenizer
+
+    from tfqat.runtime import TfqatRuntimeError
+
+    path = Path(tokenizer) if tokenizer else model_path.parent / "tokenizer.json"
+    if not path.is_file():
+        raise TfqatRuntimeError(f"no tokenizer at {path}; pass --tokenizer tokenizer.json (the export "
+                                "folder has one)")
+    return Tokenizer.from_file(str(path))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m tfqat.generate", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="model.tflite (or model_float.tflite) of an export")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0 = all)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--tokenizer", help="tokenizer.json (default: next to the model)")
+    ap.add_argument("--lib", help="delegate library (default: $TFQAT_OPS_LIB or tfqat/_lib)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--allow-float", action="store_true", help="accept a model without TFQAT ops")
+    ap.add_argument("--stats", action="store_true", help="print ms/token to stderr")
+    return ap
+
+
+def main(argv: Optional[list] = None) -> int:
+    from tfqat.runtime import LiteModel, TfqatRuntimeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        model_path = Path(args.model)
+        tok = load_tokenizer(model_path, args.tokenizer)
+        model = LiteModel(model_path, lib=args.lib, num_threads=args.threads,
+                          allow_float=args.allow_float or model_path.name == "model_float.tflite")
+        ids = tok.encode(args.prompt).ids
+        if not ids:
+            raise TfqatRuntimeError("the prompt encodes to no tokens; give some text")
+        if len(ids) > model.capacity:
+            raise TfqatRuntimeError(f"prompt is {len(ids)} tokens but the model's context is "
+                                    f"{model.capacity}; shorten it")
+        eos = tok.token_to_id(EOS)
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        out, t0, t_first = [], time.perf_counter(), None
+        text_so_far = ""
+        for t in model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                                stop=() if eos is None else (eos,)):
+            if t_first is None:
+                t_first = time.perf_counter()
+            if t == eos:
+                break
+            out.append(t)
+            text = tok.decode(out)
+            sys.stdout.write(text[len(text_so_far):])  # stream; BPE pieces can merge
+            sys.stdout.flush()
+            text_so_far = text
+        sys.stdout.write("\n")
+        if model.position >= model.capacity:
+            print(f"(stopped: context of {model.capacity} tokens is full)", file=sys.stderr)
+        if args.stats and t_first is not None:
+            n = max(len(out) - 1, 1)
+            print(f"prefill {len(ids)} tokens {1e3 * (t_first - t0):.1f} ms; decode "
+                  f"{1e3 * (time.perf_counter() - t_first) / n:.2f} ms/token", file=sys.stderr)
+    except TfqatRuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

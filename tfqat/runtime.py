@@ -1,0 +1,273 @@
+"""Run an exported model (``model.tflite`` with TFQAT_* ops, or ``model_float.tflite``) in the stock
+LiteRT interpreter with our delegate library, without importing TensorFlow.
+
+Example:
+    >>> m = load_model("runs/tiny/export-w4a4-8/model.tflite")   # doctest: +SKIP
+    >>> logits = m.prefill([1, 2, 3])         # [3, V], fills the KV cache
+    >>> nxt = m.decode(int(logits[-1].argmax()))  # [V]
+
+The delegate library is ``$TFQAT_OPS_LIB`` or ``tfqat/_lib/libtfqat_ops.so`` (built by
+``pip install -e .``). XNNPACK runs the builtin ops, our delegate the TFQAT_* ones.
+
+The KV cache lives in the decode signature's own input buffers: prefill's rows are copied in
+once, and each decode step writes its one new row per layer in place (see tfqat/export.py for
+the cache format). Problems a user can fix raise :class:`RuntimeError_` subclasses with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+LIB_ENV = "TFQAT_OPS_LIB"
+
+
+class TfqatRuntimeError(RuntimeError):
+    """A problem with the model file, the delegate library or the input: one line."""
+
+
+RuntimeError_ = TfqatRuntimeError
+
+
+def find_library() -> str:
+    """Path of libtfqat_ops.so: ``$TFQAT_OPS_LIB`` or the one ``pip install -e .`` built."""
+    env = os.environ.get(LIB_ENV)
+    if env:
+        if not Path(env).is_file():
+            raise TfqatRuntimeError(f"delegate library {env} (from ${LIB_ENV}) does not exist; "
+                                    "fix the path or unset it")
+        return env
+    path = Path(__file__).resolve().parent / "_lib" / "libtfqat_ops.so"
+    if not path.is_file():
+        raise TfqatRuntimeError(f"delegate library libtfqat_ops.so not found at {path}; build it with "
+                                f"pip install -e . or set ${LIB_ENV} to its path")
+    return str(path)
+
+
+def model_ops(data: bytes) -> list:
+    """Names of the ops of a .tflite (builtin names and custom codes), reading the flatbuffer only.
+
+    Raises:
+        TfqatRuntimeError: not a TFLite flatbuffer, or truncated.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise TfqatRuntimeError("not a TFLite model (file identifier TFL3 missing)")
+    try:
+        m = schema.Model.GetRootAs(data, 0)
+        names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+        out = []
+        for i in range(m.OperatorCodesLength()):
+            oc = m.OperatorCodes(i)
+            b = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
+            if b == schema.BuiltinOperator.CUSTOM:
+                out.append((oc.CustomCode() or b"").decode())
+            else:
+                out.append(names.get(b, str(b)))
+        # touch the last buffer: a truncated file fails here rather than inside the interpreter
+        if m.BuffersLength():
+            m.Buffers(m.BuffersLength() - 1).DataLength()
+        return out
+    except Exception as e:  # flatbuffers raises struct/Index errors on garbage
+        raise TfqatRuntimeError(f"corrupt or truncated TFLite model ({type(e).__name__})") from None
+
+
+class LiteModel:
+    """One exported model in a LiteRT interpreter, with its KV cache.
+
+    Args:
+        path: the .tflite.
+        lib: delegate library (default :func:`find_library`); not loaded for a model without
+            TFQAT ops.
+        num_threads: interpreter / XNNPACK threads (default 1).
+        allow_float: accept a model without TFQAT ops (the FP export, or a baseline).
+        delegate_options: passed to ``load_delegate`` (e.g. ``{"isa": "ref"}``).
+
+    Raises:
+        TfqatRuntimeError: missing / truncated / foreign file, missing library, no TFQAT ops
+            (unless ``allow_float``), no prefill/decode signatures.
+    """
+
+    def __init__(self, path, lib: Optional[str] = None, num_threads: int = 1,
+                 allow_float: bool = False, delegate_options: Optional[dict] = None):
+        from ai_edge_litert.interpreter import Interpreter, load_delegate
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TfqatRuntimeError(f"{self.path}: no such model file")
+        data = self.path.read_bytes()
+        try:
+            ops = model_ops(data)
+        except TfqatRuntimeError as e:
+            raise TfqatRuntimeError(f"{self.path}: {e}") from None
+        self.ops = ops
+        self.quantized = any(o.startswith("TFQAT_") for o in ops)
+        foreign = sorted({o for o in ops if not o.startswith("TFQAT_") and not o.isupper()}
+                         | {o for o in ops if o.startswith("Flex")})
+        if foreign:
+            raise TfqatRuntimeError(f"{self.path}: custom ops {foreign} are not ours (TFQAT_*); this "
+                                    "runtime cannot run them")
+        if not self.quantized and not allow_float:
+            raise TfqatRuntimeError(f"{self.path}: no TFQAT_* ops; not a tfqat quantized export "
+                                    "(use model.tflite from python -m tfqat.export, or allow_float "
+                                    "for model_float.tflite)")
+        delegates = []
+        if self.quantized:
+            lib = lib or find_library()
+            if not Path(lib).is_file():
+                raise TfqatRuntimeError(f"delegate library {lib} does not exist")
+            try:
+                delegates.append(load_delegate(lib, delegate_options or {}))
+            except (ValueError, OSError) as e:
+                raise TfqatRuntimeError(f"cannot load delegate {lib}: "
+                                        f"{str(e).strip().splitlines()[-1]}") from None
+            self.lib = lib
+        try:
+            self.interp = Interpreter(model_content=data, experimental_delegates=delegates,
+                                      num_threads=num_threads)
+        except (ValueError, RuntimeError) as e:
+            msg = str(e).strip().splitlines()
+            raise TfqatRuntimeError(f"{self.path}: the interpreter rejects it "
+                                    f"({msg[0] if msg else type(e).__name__})") from None
+        sigs = self.interp.get_signature_list()
+        if "prefill" not in sigs or "decode" not in sigs:
+            raise TfqatRuntimeError(f"{self.path}: not a tfqat export (signatures {sorted(sigs)}, need "
+                                    "prefill and decode)")
+        self._w = self.interp._interpreter  # the wrapper: subgraph-aware tensor views
+        self._pre = self.interp.get_signature_runner("prefill")
+        self._dec = self.interp.get_signature_runner("decode")
+        self._pre_sub = self._pre._subgraph_index
+        self._dec_sub = self._dec._subgraph_index
+        self._dec_in = dict(self._dec._inputs)
+        self._dec_out = dict(self._dec._outputs)
+        self._w.AllocateTensors(self._dec_sub)
+        details = self._dec.get_input_details()
+        self.capacity = int(details["k_cache_0"]["shape"][1])
+        self.vocab_size = int(self._dec.get_output_details()["logits"]["shape"][-1])
+        self.cache_names = [n for n in self._dec_in if "_cache_" in n]
+        self.manifest = None
+        mpath = self.path.parent / "manifest.json"
+        if mpath.is_file():
+            try:
+                self.manifest = json.loads(mpath.read_text())
+            except ValueError:
+                self.manifest = None
+        self.position = 0
+        self.reset()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _view(self, name: str) -> np.ndarray:
+        return self._w.tensor(self.interp, self._dec_in[name], self._dec_sub)
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        for n in self.cache_names:
+            v = self._view(n)
+            v[...] = 8 if n.startswith("vb_") else 0
+        if "thresholds" in self._dec_in:
+            self._view("thresholds")[...] = np.inf
+        self.position = 0
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        t = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if t.size == 0:
+            raise TfqatRuntimeError("empty prompt; give at least one token")
+        if t.min() < 0 or t.max() >= self.vocab_size:
+            raise TfqatRuntimeError(f"token id {int(t.max() if t.max() >= self.vocab_size else t.min())} "
+                                    f"is outside the vocabulary [0, {self.vocab_size})")
+        return t.astype(np.int32)
+
+    # -- the two signatures -----------------------------------------------------------------------
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run the prompt (positions 0..T-1; empties the cache first); returns logits [T, V]."""
+        tokens = self._check_tokens(tokens)
+        if tokens.size > self.capacity:
+            raise TfqatRuntimeError(f"prompt has {tokens.size} tokens but the model's context is "
+                                    f"{self.capacity}; shorten the prompt")
+        out = self._pre(tokens=tokens)
+        self.reset()
+        t = tokens.size
+        for n in self.cache_names:
+            rows = out[n.replace("_cache_", "_")]
+            v = self._view(n)
+            if v.ndim == 1:
+                v[:t] = rows
+            else:
+                v[:, :t] = rows
+        if "thresholds" in self._dec_in:
+            self._view("thresholds")[...] = out["thresholds"]
+        self.position = t
+        return out["logits"]
+
+    def decode(self, token: int) -> np.ndarray:
+        """One token at the next position; returns its logits [V]."""
+        if self.position >= self.capacity:
+            raise TfqatRuntimeError(f"context full: the model holds {self.capacity} tokens")
+        tok = self._check_tokens([token])
+        p = self.position
+        self._view("token")[...] = tok
+        self._view("position")[...] = p
+        self._w.Invoke(self._dec_sub)
+        get = lambda n: self._w.GetTensor(self._dec_out[n], self._dec_sub)  # noqa: E731
+        for n in self.cache_names:
+            rows = get(n.replace("_cache_", "_"))
+            v = self._view(n)
+            if v.ndim == 1:
+                v[p: p + 1] = rows
+            else:
+                v[:, p: p + 1] = rows
+        self.position = p + 1
+        return get("logits")[0]
+
+    # -- conveniences ------------------------------------------------------------------------------
+    def logprobs(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """``log p(target)`` ``[B, L]`` by prefill per row (a :data:`tfqat.evaluate.LogprobFn`)."""
+        out = np.zeros(np.shape(inputs), np.float64)
+        for b, (x, y) in enumerate(zip(np.asarray(inputs), np.asarray(targets))):
+            logits = self.prefill(x).astype(np.float64)
+            m = logits.max(-1, keepdims=True)
+            lse = m[:, 0] + np.log(np.exp(logits - m).sum(-1))
+            out[b] = logits[np.arange(len(y)), y] - lse
+        return out
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, seed: Optional[int] = None,
+                 stop: Iterable[int] = ()) -> Iterable[int]:
+        """Yield new token ids: greedy (``temperature == 0``) or sampled (temperature, top-k).
+
+        Stops at ``max_new_tokens``, a ``stop`` id, or a full context.
+        """
+        rng = np.random.default_rng(seed)
+        stop = set(stop)
+        logits = self.prefill(prompt)[-1]
+        for i in range(max_new_tokens):
+            tok = sample(logits, temperature, top_k, rng)
+            yield tok
+            if tok in stop or i == max_new_tokens - 1 or self.position >= self.capacity:
+                return
+            logits = self.decode(tok)
+
+
+def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0,
+           rng: Optional[np.random.Generator] = None) -> int:
+    """Greedy when ``temperature <= 0``; else softmax(logits / T) over the top-k (0 = all)."""
+    logits = np.asarray(logits, np.float64)
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    rng = rng or np.random.default_rng()
+    z = logits / temperature
+    if 0 < top_k < z.size:
+        cut = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= cut, z, -np.inf)
+    z = np.exp(z - z.max())
+    return int(rng.choice(z.size, p=z / z.sum()))
+
+
+def load_model(path, **kwargs) -> LiteModel:
+    """:class:`LiteModel` (see its arguments)."""
+    return LiteModel(path, **kwargs)

@@ -41,6 +41,24 @@ def _claim_stage_dir(stage_dir: Path, fp: str, what: str) -> None:
         write_json_atomic(marker, {"fingerprint": fp})
 
 
+def save_weights_atomic(model, path: Path) -> None:
+    """``model.save_weights`` via a temporary ``.tmp-<name>`` (Keras insists on ``.weights.h5``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    model.save_weights(str(tmp))
+    os.replace(tmp, path)
+
+
+def checkpoint_trackables(model) -> dict:
+    """Every variable of ``model``, by position, for ``train_loop(extra_trackables=...)``.
+
+    ``tf.train.Checkpoint(model=...)`` does not follow a Keras 3 model's Python list of blocks,
+    so without this a resumed run restores only the embeddings, final norm and lm_head (and
+    never the quantizers' non-trainable init flags). Positions are stable for one config.
+    """
+    return {"model_weights": list(model.weights)}
+
+
 def load_data(cfg: RunConfig, progress: bool = True):
     from .data import prepare_data
 
@@ -64,7 +82,7 @@ def build_fp_model(cfg: RunConfig):
 def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]:
     """Train (or reuse) the full-precision teacher. Returns (model, stage result dict)."""
     from .data import train_dataset
-    from .training import lm_loss, save_weights_atomic, seed_everything, train_loop
+    from .training import lm_loss, seed_everything, train_loop
 
     stage = cfg.run_dir / "fp"
     fp = fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), cfg.data.seq_len, data.key)
@@ -80,6 +98,7 @@ def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]
         stage, model, lm_loss(model),
         lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
         t, t.steps, t.batch_size * cfg.data.seq_len, desc="FP teacher", progress=progress,
+        extra_trackables=checkpoint_trackables(model),
     )
     save_weights_atomic(model, teacher_path(cfg))
     result = {"steps": res.steps, "final_loss": res.final_loss, "tokens_per_s": res.tokens_per_s,
@@ -108,3 +127,53 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | None, output: str | No
     result = evaluate_model(keras_logprob_fn(model), data, cfg, progress)
     write_json_atomic(Path(output) if output else cfg.run_dir / "eval_fp.json", result)
     return result
+
+
+def cached_eval(path: Path, fp: str, evaluate) -> dict:
+    """``evaluate()`` unless ``path`` holds a result for the same fingerprint (resumable rows)."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("fingerprint") == fp:
+            return old
+    result = {**evaluate(), "fingerprint": fp}
+    write_json_atomic(path, result)
+    return result
+
+
+def eval_fingerprint(cfg: RunConfig, data, *parts) -> str:
+    return fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), config_to_dict(cfg.eval),
+                       cfg.data.seq_len, data.key, *parts)
+
+
+def result_row(method: str, recipe: str, ev: dict, size_bytes: int, **extra) -> dict:
+    return {"method": method, "recipe": recipe, "perplexity": ev["perplexity"],
+            "blimp": ev["blimp"]["overall"], "size_mb": size_bytes / 1e6, **extra}
+
+
+def ptq_stage(cfg: RunConfig, data, teacher, progress: bool = True) -> list[dict]:
+    """RTN post-training quantization rows (``cfg.qat.ptq_recipes``): calibrate, evaluate."""
+    from .evaluate import evaluate_model
+    from .quant.qat import logprob_fn, model_size_bytes, rtn_student
+
+    rows = []
+    for name in cfg.qat.ptq_recipes:
+        def run(name=name):
+            student = rtn_student(cfg, data, teacher, name)
+            return evaluate_model(logprob_fn(student), data, cfg, progress)
+
+        fp = eval_fingerprint(cfg, data, "rtn", name, cfg.qat.calib_batches, cfg.qat.train.batch_size)
+        ev = cached_eval(cfg.run_dir / "rtn" / f"eval_{name}.json", fp, run)
+        rows.append(result_row("RTN", name, ev, model_size_bytes(cfg.model, name)["total"]))
+    return rows
+
+
+def qat_eval_row(cfg: RunConfig, data, student, stage_result: dict, method: str, stage_dir: Path,
+                 progress: bool = True) -> dict:
+    """Evaluate a QAT student (cached in its stage folder) and return its report row."""
+    from .evaluate import evaluate_model
+    from .quant.qat import logprob_fn, model_size_bytes
+
+    fp = eval_fingerprint(cfg, data, "qat", json.loads((stage_dir / "fingerprint.json").read_text()))
+    ev = cached_eval(stage_dir / "eval.json", fp, lambda: evaluate_model(logprob_fn(student), data, cfg, progress))
+    return result_row(method, student.recipe.name, ev, model_size_bytes(cfg.model, student.recipe)["total"],
+                      steps=stage_result["steps"], tokens_seen=stage_result["tokens_seen"])

@@ -5,6 +5,7 @@ Every file is written to a temporary name and renamed, so a report on disk is al
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -15,9 +16,14 @@ from pathlib import Path
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # never leave a half-written temporary behind
+        raise
 
 
 def _fmt(v, spec: str) -> str:

@@ -34,27 +34,70 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_cli_config(args)
         t0 = time.perf_counter()
+        times: dict[str, float] = {}
+
+        def lap(stage: str, since: float) -> float:
+            now = time.perf_counter()
+            times[stage] = round(now - since, 1)
+            return now
+
         data = pipeline.load_data(cfg, progress)
+        t = lap("data", t0)
         teacher, fp_result = pipeline.fp_stage(cfg, data, progress)
         print(f"FP teacher: {fp_result['steps']} steps, {fp_result['tokens_per_s']:,.0f} tokens/s, "
               f"{fp_result['wall_s']:.0f} s{' (reused)' if fp_result['reused'] else ''}")
-        fp_eval = evaluate_model(keras_logprob_fn(teacher), data, cfg, progress)
-        pipeline.write_json_atomic(cfg.run_dir / "eval_fp.json", fp_eval)
+        t = lap("fp_train", t)
+        fp_eval = pipeline.cached_eval(cfg.run_dir / "eval_fp.json", pipeline.eval_fingerprint(cfg, data, "fp"),
+                                       lambda: evaluate_model(keras_logprob_fn(teacher), data, cfg, progress))
+        t = lap("fp_eval", t)
         rows = [{"method": "FP", "recipe": "fp32", "perplexity": fp_eval["perplexity"],
-                 "blimp": fp_eval["blimp"]["overall"], "size_mb": fp_result["params"] * 4 / 1e6}]
+                 "blimp": fp_eval["blimp"]["overall"], "size_mb": fp_result["params"] * 4 / 1e6,
+                 "steps": fp_result["steps"], "tokens_seen": fp_result["tokens_seen"]}]
         curves = {"FP teacher": read_metrics(cfg.run_dir / "fp" / "metrics.csv")}
-        sections = {
-            "Setup": (f"config `{cfg.name}`: {cfg.model.arch}, hidden {cfg.model.hidden}, {cfg.model.layers} layers, "
-                      f"{cfg.model.heads} heads ({cfg.model.num_kv_heads} KV), vocab {cfg.model.vocab_size}; "
-                      f"{fp_result['params']:,} parameters. Perplexity on the `{cfg.eval.split}` works "
-                      f"({fp_eval['tokens']:,} tokens, windows of {fp_eval['seq_len']} at stride {fp_eval['stride']}); "
-                      f"BLiMP over {fp_eval['blimp']['pairs']:,} pairs."),
-            "BLiMP by phenomenon (FP)": "\n".join(
-                ["| phenomenon | accuracy |", "|---|---:|"]
-                + [f"| {k} | {100 * v:.1f} |" for k, v in fp_eval["blimp"]["phenomena"].items()]),
-        }
-        paths = write_report(cfg.run_dir, f"tfqat run `{cfg.name}`", rows, sections, curves,
-                             {"fp": fp_result, "fp_eval": fp_eval, "wall_s": time.perf_counter() - t0})
+        extra: dict = {"fp": fp_result, "fp_eval": fp_eval}
+        sections = {}
+        if args.stage == "all":
+            from .quant.qat import qat_stage, resolve_recipe, stage_dir
+
+            rows += pipeline.ptq_stage(cfg, data, teacher, progress)
+            t = lap("rtn_calibrate_eval", t)
+            recipe = resolve_recipe(cfg)
+            student, qat_result = qat_stage(cfg, data, teacher, progress=progress)
+            print(f"QAT {recipe.name}: {qat_result['steps']} steps, {qat_result['tokens_per_s']:,.0f} tokens/s, "
+                  f"{qat_result['wall_s']:.0f} s{' (reused)' if qat_result['reused'] else ''}")
+            t = lap("qat_train", t)
+            rows.append(pipeline.qat_eval_row(cfg, data, student, qat_result, "QAT (full method)",
+                                              stage_dir(cfg, recipe), progress))
+            t = lap("qat_eval", t)
+            curves[f"QAT {recipe.name} (total loss)"] = read_metrics(stage_dir(cfg, recipe) / "metrics.csv")
+            extra["qat"] = qat_result
+            lo = cfg.qat.losses
+            sections["QAT"] = (
+                f"Student `{recipe.name}`: {recipe.describe()}. Initialised from the teacher, every scale "
+                f"calibrated on {cfg.qat.calib_batches} training batches, then {qat_result['steps']} steps "
+                f"(batch {cfg.qat.train.batch_size} x {cfg.data.seq_len}, lr {cfg.qat.train.lr:g}) of "
+                f"L = distill(gamma {lo.gamma:g}, T {lo.temperature:g}) + {lo.entropy:g} * entropy "
+                f"({lo.entropy_form}) + {lo.distribution:g} * distribution ({lo.distribution_form}). "
+                f"RTN rows: the same quantizers calibrated on the same batches, no training "
+                f"(weights: per-channel MSE clip; activations: LSQ init; probs: min-max). Token-adaptive "
+                f"rows select the top rho*T tokens over each evaluation window (BLiMP: over the padded "
+                f"batch width). Size: projections at the weight bit width plus float32 scales; "
+                f"embeddings and norms float32; KV cache not counted.")
+        sections["Setup"] = (
+            f"config `{cfg.name}`: {cfg.model.arch}, hidden {cfg.model.hidden}, {cfg.model.layers} layers, "
+            f"{cfg.model.heads} heads ({cfg.model.num_kv_heads} KV), vocab {cfg.model.vocab_size}; "
+            f"{fp_result['params']:,} parameters. Perplexity on the `{cfg.eval.split}` works "
+            f"({fp_eval['tokens']:,} tokens, windows of {fp_eval['seq_len']} at stride {fp_eval['stride']}); "
+            f"BLiMP over {fp_eval['blimp']['pairs']:,} pairs.")
+        sections["BLiMP by phenomenon (FP)"] = "\n".join(
+            ["| phenomenon | accuracy |", "|---|---:|"]
+            + [f"| {k} | {100 * v:.1f} |" for k, v in fp_eval["blimp"]["phenomena"].items()])
+        times["total"] = round(time.perf_counter() - t0, 1)
+        sections["Wall time per stage (s)"] = "\n".join(
+            ["| stage | seconds |", "|---|---:|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()])
+        extra["wall_s"] = times["total"]
+        extra["stage_wall_s"] = times
+        paths = write_report(cfg.run_dir, f"tfqat run `{cfg.name}`", rows, sections, curves, extra)
         print(f"report: {paths['report.md']} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -53,7 +53,8 @@ def _act_rule(recipe: Recipe, bits: Optional[int]) -> Optional[ActQuantizer]:
         return None
     if recipe.adaptive:
         return ActQuantizer(bits, adaptive=True, low_bits=recipe.low_bits)
-    return ActQuantizer(bits, asymmetric=recipe.act_asymmetric)
+    # At 16 bits clipping buys nothing: fit the range (the float-precision check).
+    return ActQuantizer(bits, asymmetric=recipe.act_asymmetric, init="minmax" if bits >= 16 else None)
 
 
 SLOT_RULES: dict[str, Callable[[Recipe], Optional[keras.layers.Layer]]] = {
@@ -172,7 +173,7 @@ def calibrate(student: keras.Model, batches: Iterable, weight_mse: bool = True) 
         for block in student.blocks:
             for linear in block.linears().values():
                 wq = linear.weight_quantizer
-                if wq is not None and wq.spec.bits < 16:
+                if wq is not None:
                     s = _mse_weight_scale(tf.convert_to_tensor(linear.kernel), wq.spec.bits,
                                           wq.spec.granularity == "channel")
                     wq.scale.assign(tf.reshape(s, wq.scale.shape))
@@ -321,8 +322,10 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
     """
     from tfqat.config import config_to_dict
     from tfqat.data import train_dataset
-    from tfqat.pipeline import _claim_stage_dir, fingerprint, teacher_path, write_json_atomic
-    from tfqat.training import save_weights_atomic, seed_everything, train_loop
+    from tfqat.pipeline import (
+        _claim_stage_dir, checkpoint_trackables, fingerprint, save_weights_atomic, teacher_path, write_json_atomic,
+    )
+    from tfqat.training import seed_everything, train_loop
 
     qat = qat or cfg.qat
     recipe = resolve_recipe(cfg.model_copy(update={"qat": qat}), recipe)
@@ -351,6 +354,7 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
         stage, student, qat_loss(student, teachers, qat.losses),
         lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
         t, t.steps, t.batch_size * cfg.data.seq_len, desc=f"QAT {recipe.name}", progress=progress,
+        extra_trackables=checkpoint_trackables(student),
     )
     save_weights_atomic(student, weights)
     write_json_atomic(stage / "recipe.json", recipe.to_dict())

@@ -9,8 +9,9 @@
 #include <arm_neon.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
-#include <vector>
+#include <new>
 
 #include "../variants.h"
 
@@ -44,20 +45,59 @@ namespace arm {
 namespace {
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Element i of a canonical packed int4 row (ref::int4_at, repeated here with internal linkage
+// for the reason above).
+inline int int4_at(const uint8_t* row, int i) {
+  const int b = row[i >> 1];
+  const int nib = (i & 1) ? (b >> 4) : (b & 0x0F);
+  return nib >= 8 ? nib - 16 : nib;
+}
 inline int min_int(int a, int b) { return a < b ? a : b; }
+
+// Zeroed scratch memory. Not std::vector on purpose: its out-of-line members are weak symbols
+// that every file instantiating them emits with its own -march, and the linker keeps any one
+// copy, so an armv8.6 build of std::vector<int>::push_back could run on an armv8.0 CPU.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(size_t n) : p_(static_cast<T*>(std::calloc(n ? n : 1, sizeof(T)))) {
+    if (!p_) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  T& operator[](size_t i) { return p_[i]; }
+
+ private:
+  T* p_;
+};
+
+// An index list of `size` entries (token or cached-position numbers).
+struct IndexList {
+  explicit IndexList(int capacity) : idx(static_cast<size_t>(capacity)) {}
+  void push(int i) { idx[static_cast<size_t>(size++)] = i; }
+  void push_range(int n) {
+    for (int i = 0; i < n; ++i) push(i);
+  }
+  Scratch<int> idx;
+  int size = 0;
+};
 
 // Activation rows [T][K] seen with K rounded up to a multiple of `kb`: the caller's buffer when
 // K already is one, else a zero-padded copy, so block loops never read past a row.
 class PaddedRows {
  public:
-  PaddedRows(const int8_t* x, int T, int K, int kb) : kp_(round_up(K, kb)) {
+  PaddedRows(const int8_t* x, int T, int K, int kb)
+      : kp_(round_up(K, kb)), buf_(kp_ == K ? 0 : static_cast<size_t>(T) * kp_) {
     if (kp_ == K) {
       base_ = x;
       return;
     }
-    buf_.assign(static_cast<size_t>(T) * kp_, 0);
     for (int t = 0; t < T; ++t) {
-      std::memcpy(&buf_[static_cast<size_t>(t) * kp_], x + static_cast<size_t>(t) * K, K);
+      std::memcpy(buf_.data() + static_cast<size_t>(t) * kp_, x + static_cast<size_t>(t) * K, K);
     }
     base_ = buf_.data();
   }
@@ -66,8 +106,8 @@ class PaddedRows {
 
  private:
   int kp_;
+  Scratch<int8_t> buf_;
   const int8_t* base_ = nullptr;
-  std::vector<int8_t> buf_;
 };
 
 // The reference epilogue for `nr` consecutive channels of one token:
@@ -90,13 +130,6 @@ inline void store_row(const int32_t* acc, int nr, float xs, const float* ws, con
 // Sign-extends the low / high nibbles of 16 bytes to int8 lanes.
 inline int8x16_t low_nibbles(int8x16_t b) { return vshrq_n_s8(vshlq_n_s8(b, 4), 4); }
 inline int8x16_t high_nibbles(int8x16_t b) { return vshrq_n_s8(b, 4); }
-
-// Token tiles: rows t0 .. t0+mr-1, padded to `MR` pointers by repeating the last row (its result
-// is computed and dropped), so one unrolled kernel serves every tail.
-template <int MR>
-inline void tile_rows(const PaddedRows& x, int t0, int mr, const int8_t* (&rows)[MR]) {
-  for (int i = 0; i < MR; ++i) rows[i] = x.row(t0 + min_int(i, mr - 1));
-}
 
 // Horizontal sums of four accumulators: lane r = sum of a[r].
 inline int32x4_t hsum4(const int32x4_t (&a)[4]) {
@@ -142,29 +175,24 @@ inline void qlinear_run(const Kernel& kernel, const PaddedRows& x, const int* or
   }
 }
 
-inline std::vector<int> all_tokens(int T) {
-  std::vector<int> order(static_cast<size_t>(T));
-  for (int t = 0; t < T; ++t) order[static_cast<size_t>(t)] = t;
-  return order;
-}
 
 // The d elements past the last full vector block, for every row pair of a tile. Kept out of
 // line: inlined, its loop setup ran for every row pair even when there was no tail.
-__attribute__((noinline)) inline void qk_tail(const int8_t* const* qr, const uint8_t* const* kr, int mt,
-                                       int sr, int d0, int D, int kv_bits, int32_t (*acc)[4]) {
+__attribute__((noinline)) inline void qk_tail(const int8_t* const* qr, const uint8_t* const* kr,
+                                              int mt, int sr, int d0, int D, int kv_bits,
+                                              int32_t (*acc)[4]) {
   for (int m = 0; m < mt; ++m) {
     for (int i = 0; i < sr; ++i) {
       for (int d = d0; d < D; ++d) {
-        acc[m][i] += qr[m][d] * (kv_bits == 4 ? ref::int4_at(kr[i], d) : static_cast<int8_t>(kr[i][d]));
+        const int kv = kv_bits == 4 ? int4_at(kr[i], d) : static_cast<int8_t>(kr[i][d]);
+        acc[m][i] += qr[m][d] * kv;
       }
     }
   }
 }
 
 // One attn_qk tile: M query rows x 4 cached rows of one head, accumulated with Ops (see
-// attn_qk_rows), then the scalar d tail and the reference epilogue. The unroll pragmas keep the
-// accumulator array in registers (GCC 12 otherwise leaves the cached-row loop rolled and the
-// accumulators on the stack).
+// attn_qk_rows), then the scalar d tail and the reference epilogue.
 template <typename Ops, int M>
 inline void qk_tile(const int8_t* const* qr, const uint8_t* const* kr, int mt, int sr, int D,
                     int kv_bits, const float* qs, const float* ks, int S, float* out) {
@@ -178,11 +206,12 @@ inline void qk_tile(const int8_t* const* qr, const uint8_t* const* kr, int mt, i
     for (int d = 0; d < d_vec; d += 32) {
       int8x16x2_t qv[M];
       for (int m = 0; m < M; ++m) qv[m] = vld2q_s8(qr[m] + d);
-#pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
         const int8x16_t b = vld1q_s8(reinterpret_cast<const int8_t*>(kr[i]) + d / 2);
         const int8x16_t lo = low_nibbles(b), hi = high_nibbles(b);
-        for (int m = 0; m < M; ++m) a[m][i] = Ops::dot4(a[m][i], qv[m].val[0], qv[m].val[1], lo, hi);
+        for (int m = 0; m < M; ++m) {
+          a[m][i] = Ops::dot4(a[m][i], qv[m].val[0], qv[m].val[1], lo, hi);
+        }
       }
     }
   } else {
@@ -190,7 +219,6 @@ inline void qk_tile(const int8_t* const* qr, const uint8_t* const* kr, int mt, i
     for (int d = 0; d < d_vec; d += 16) {
       int8x16_t qv[M];
       for (int m = 0; m < M; ++m) qv[m] = vld1q_s8(qr[m] + d);
-#pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
         const int8x16_t kv = vld1q_s8(reinterpret_cast<const int8_t*>(kr[i]) + d);
         for (int m = 0; m < M; ++m) a[m][i] = Ops::dot8(a[m][i], qv[m], kv);
@@ -223,11 +251,14 @@ inline void attn_qk_rows(const int8_t* q, const float* qs, int H, int T, int D, 
   const int group = H / Hkv;
   const size_t row_bytes = kv_bits == 4 ? static_cast<size_t>((D + 1) / 2) : static_cast<size_t>(D);
   for (int h = 0; h < H; ++h) {
-    const uint8_t* kg = static_cast<const uint8_t*>(k) + static_cast<size_t>(h / group) * s_cap * row_bytes;
+    const uint8_t* kg =
+        static_cast<const uint8_t*>(k) + static_cast<size_t>(h / group) * s_cap * row_bytes;
     for (int t0 = 0; t0 < T; t0 += 4) {
       const int mt = min_int(4, T - t0);
       const int8_t* qr[4];
-      for (int m = 0; m < 4; ++m) qr[m] = q + (static_cast<size_t>(h) * T + t0 + min_int(m, mt - 1)) * D;
+      for (int m = 0; m < 4; ++m) {
+        qr[m] = q + (static_cast<size_t>(h) * T + t0 + min_int(m, mt - 1)) * D;
+      }
       float* out = scores + (static_cast<size_t>(h) * T + t0) * S;
       for (int s0 = 0; s0 < S; s0 += 4) {
         const int sr = min_int(4, S - s0);

@@ -119,7 +119,8 @@ void w8_pack(const void* canonical, int N, int K, void* packed) {
 }
 
 size_t w4_packed_size(int N, int K) {
-  return static_cast<size_t>(arm::round_up(N, W4Kernel::kNr)) * (arm::round_up(K, W4Kernel::kKb) / 2);
+  return static_cast<size_t>(arm::round_up(N, W4Kernel::kNr)) *
+         (arm::round_up(K, W4Kernel::kKb) / 2);
 }
 
 void w4_pack(const void* canonical, int N, int K, void* packed) {
@@ -128,7 +129,7 @@ void w4_pack(const void* canonical, int N, int K, void* packed) {
   const size_t stride = static_cast<size_t>((K + 1) / 2);
   const int kp = arm::round_up(K, W4Kernel::kKb);
   auto nib = [&](int n, int k) {
-    return n < N && k < K ? static_cast<uint8_t>(ref::int4_at(src + n * stride, k) & 0x0F) : 0;
+    return n < N && k < K ? static_cast<uint8_t>(arm::int4_at(src + n * stride, k) & 0x0F) : 0;
   };
   for (int n0 = 0; n0 < N; n0 += W4Kernel::kNr) {
     for (int k0 = 0; k0 < kp; k0 += W4Kernel::kKb) {
@@ -148,8 +149,9 @@ void w4_pack(const void* canonical, int N, int K, void* packed) {
 void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
                 const void* w_packed, const float* ws, const float* bias, int N, float* y) {
   const PaddedRows xr(x, T, K, W8Kernel::kKb);
-  const std::vector<int> order = arm::all_tokens(T);
-  arm::qlinear_run<4, 2, W8Kernel::kNr>(W8Kernel{}, xr, order.data(), T, xs, w_packed,
+  arm::IndexList order(T);
+  order.push_range(T);
+  arm::qlinear_run<4, 2, W8Kernel::kNr>(W8Kernel{}, xr, order.idx.data(), T, xs, w_packed,
                                         static_cast<size_t>(xr.kp()) * W8Kernel::kNr, ws, bias,
                                         N, y);
 }
@@ -157,8 +159,9 @@ void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T
 void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
                 const void* w_packed, const float* ws, const float* bias, int N, float* y) {
   const PaddedRows xr(x, T, K, W4Kernel::kKb);
-  const std::vector<int> order = arm::all_tokens(T);
-  arm::qlinear_run<4, 2, W4Kernel::kNr>(W4Kernel{}, xr, order.data(), T, xs, w_packed,
+  arm::IndexList order(T);
+  order.push_range(T);
+  arm::qlinear_run<4, 2, W4Kernel::kNr>(W4Kernel{}, xr, order.idx.data(), T, xs, w_packed,
                                         static_cast<size_t>(xr.kp()) / 2 * W4Kernel::kNr, ws,
                                         bias, N, y);
 }

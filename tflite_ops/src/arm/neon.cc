@@ -139,7 +139,7 @@ struct QkOps {
 // 16 elements is 8 bytes: low nibbles are the even elements, high nibbles the odd ones, and a
 // zip at the end restores d order.
 template <int M>
-void pv_rows(const uint8_t* const* pr, const std::vector<int>& list, const uint8_t* vg,
+void pv_rows(const uint8_t* const* pr, const arm::IndexList& list, const uint8_t* vg,
              size_t row_bytes, int kv_bits, int D, int32_t* const* acc) {
   int d0 = 0;
   for (; d0 + 16 <= D; d0 += 16) {
@@ -147,7 +147,8 @@ void pv_rows(const uint8_t* const* pr, const std::vector<int>& list, const uint8
     for (int m = 0; m < M; ++m) {
       for (int i = 0; i < 4; ++i) a[m][i] = vdupq_n_s32(0);
     }
-    for (int s : list) {
+    for (int j = 0; j < list.size; ++j) {
+      const int s = list.idx.data()[j];
       const int8_t* row = reinterpret_cast<const int8_t*>(vg + s * row_bytes);
       int16x8_t v0, v1;
       if (kv_bits == 4) {
@@ -182,9 +183,10 @@ void pv_rows(const uint8_t* const* pr, const std::vector<int>& list, const uint8
   for (int m = 0; m < M; ++m) {
     for (int d = d0; d < D; ++d) {
       int32_t sum = 0;
-      for (int s : list) {
+      for (int j = 0; j < list.size; ++j) {
+        const int s = list.idx.data()[j];
         const uint8_t* row = vg + s * row_bytes;
-        sum += pr[m][s] * (kv_bits == 4 ? ref::int4_at(row, d) : static_cast<int8_t>(row[d]));
+        sum += pr[m][s] * (kv_bits == 4 ? arm::int4_at(row, d) : static_cast<int8_t>(row[d]));
       }
       acc[m][d] = sum;
     }
@@ -334,7 +336,7 @@ void w4_pack(const void* canonical, int N, int K, void* packed) {
   const size_t stride = static_cast<size_t>((K + 1) / 2);
   const int kp = arm::round_up(K, kW4Kb);
   auto nib = [&](int n, int k) {
-    return n < N && k < K ? static_cast<uint8_t>(ref::int4_at(src + n * stride, k) & 0x0F) : 0;
+    return n < N && k < K ? static_cast<uint8_t>(arm::int4_at(src + n * stride, k) & 0x0F) : 0;
   };
   for (int n0 = 0; n0 < N; n0 += kW4Nr) {
     for (int k0 = 0; k0 < kp; k0 += kW4Kb) {
@@ -353,8 +355,9 @@ void w4_pack(const void* canonical, int N, int K, void* packed) {
 void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
                 const void* w_packed, const float* ws, const float* bias, int N, float* y) {
   const PaddedRows xr(x, T, K, W8Kernel::kKb);
-  const std::vector<int> order = arm::all_tokens(T);
-  arm::qlinear_run<2, 1, W8Kernel::kNr>(W8Kernel{}, xr, order.data(), T, xs, w_packed,
+  arm::IndexList order(T);
+  order.push_range(T);
+  arm::qlinear_run<2, 1, W8Kernel::kNr>(W8Kernel{}, xr, order.idx.data(), T, xs, w_packed,
                                         static_cast<size_t>(xr.kp()) * W8Kernel::kNr, ws, bias,
                                         N, y);
 }
@@ -364,12 +367,12 @@ void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T
 void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
                 const void* w_packed, const float* ws, const float* bias, int N, float* y) {
   const PaddedRows xr(x, T, K, kW4Kb);
-  std::vector<int> t8, t4;
-  for (int t = 0; t < T; ++t) (bits && bits[t] == 4 ? t4 : t8).push_back(t);
+  arm::IndexList t8(T), t4(T);
+  for (int t = 0; t < T; ++t) (bits && bits[t] == 4 ? t4 : t8).push(t);
   const size_t tile_bytes = static_cast<size_t>(xr.kp()) / 2 * kW4Nr;
-  arm::qlinear_run<4, 1, kW4Nr>(W4x8Kernel{}, xr, t8.data(), static_cast<int>(t8.size()), xs,
+  arm::qlinear_run<4, 1, kW4Nr>(W4x8Kernel{}, xr, t8.idx.data(), t8.size, xs,
                                 w_packed, tile_bytes, ws, bias, N, y);
-  arm::qlinear_run<3, 1, kW4Nr>(W4x4Kernel{}, xr, t4.data(), static_cast<int>(t4.size()), xs,
+  arm::qlinear_run<3, 1, kW4Nr>(W4x4Kernel{}, xr, t4.idx.data(), t4.size, xs,
                                 w_packed, tile_bytes, ws, bias, N, y);
 }
 
@@ -386,10 +389,10 @@ void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int
   constexpr int kM = 4;
   const int group = H / Hkv;
   const size_t row_bytes = kv_bits == 4 ? static_cast<size_t>((D + 1) / 2) : static_cast<size_t>(D);
-  std::vector<int> lists[2];
-  for (int s = 0; s < S; ++s) lists[v_rowbits && v_rowbits[s] == 4 ? 1 : 0].push_back(s);
+  arm::IndexList lists[2] = {arm::IndexList(S), arm::IndexList(S)};
+  for (int s = 0; s < S; ++s) lists[v_rowbits && v_rowbits[s] == 4 ? 1 : 0].push(s);
   const bool two_groups = v_rowbits != nullptr;
-  std::vector<int32_t> buf(2 * kM * static_cast<size_t>(D));
+  arm::Scratch<int32_t> buf(2 * kM * static_cast<size_t>(D));
   int32_t* acc8[kM];
   int32_t* acc4[kM];
   for (int m = 0; m < kM; ++m) {
@@ -399,7 +402,8 @@ void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int
   const float s8 = ps * vs[0];
   const float s4 = two_groups ? ps * vs[1] : 0.0f;
   for (int h = 0; h < H; ++h) {
-    const uint8_t* vg = static_cast<const uint8_t*>(v) + static_cast<size_t>(h / group) * s_cap * row_bytes;
+    const uint8_t* vg =
+        static_cast<const uint8_t*>(v) + static_cast<size_t>(h / group) * s_cap * row_bytes;
     for (int t0 = 0; t0 < T; t0 += kM) {
       const int mt = arm::min_int(kM, T - t0);
       const uint8_t* pr[kM];
@@ -409,7 +413,9 @@ void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int
         if (mt == kM) {
           pv_rows<kM>(pr, lists[g], vg, row_bytes, kv_bits, D, acc);
         } else {
-          for (int m = 0; m < mt; ++m) pv_rows<1>(pr + m, lists[g], vg, row_bytes, kv_bits, D, acc + m);
+          for (int m = 0; m < mt; ++m) {
+            pv_rows<1>(pr + m, lists[g], vg, row_bytes, kv_bits, D, acc + m);
+          }
         }
       }
       for (int m = 0; m < mt; ++m) {
@@ -444,10 +450,12 @@ void gemm_f32(const float* x, int T, int K, const void* w_packed, int N, float* 
     const float* wt = w + static_cast<size_t>(n0 / kF32Nr) * K * kF32Nr;
     int t = 0;
     for (; t + 4 <= T; t += 4) {
-      gemm_f32_tile<4>(x + static_cast<size_t>(t) * K, K, wt, 4, nr, N, y + static_cast<size_t>(t) * N + n0);
+      gemm_f32_tile<4>(x + static_cast<size_t>(t) * K, K, wt, 4, nr, N,
+                       y + static_cast<size_t>(t) * N + n0);
     }
     for (; t < T; ++t) {
-      gemm_f32_tile<1>(x + static_cast<size_t>(t) * K, K, wt, 1, nr, N, y + static_cast<size_t>(t) * N + n0);
+      gemm_f32_tile<1>(x + static_cast<size_t>(t) * K, K, wt, 1, nr, N,
+                       y + static_cast<size_t>(t) * N + n0);
     }
   }
 }

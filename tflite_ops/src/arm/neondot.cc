@@ -71,8 +71,9 @@ struct QkOps {
   }
 };
 
-// FP16 weights: tiles of 8 channels, [N/8][K][8] binary16, zero-padded in N.
-constexpr int kF16Nr = 8;
+// FP16 weights: tiles of 16 channels (two vectors of 8 lanes), [N/16][K][16] binary16,
+// zero-padded in N.
+constexpr int kF16Nr = 16;
 
 inline float16x8_t load_h8(const uint16_t* p) { return vreinterpretq_f16_u16(vld1q_u16(p)); }
 
@@ -81,29 +82,38 @@ void gemm_f16_tile(const uint16_t* x, int K, const uint16_t* w, int mr, int nr, 
                    uint16_t* y) {
   const uint16_t* xr[M];
   for (int m = 0; m < M; ++m) xr[m] = x + static_cast<size_t>(arm::min_int(m, mr - 1)) * K;
-  float16x8_t acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = vreinterpretq_f16_u16(vdupq_n_u16(0));
+  float16x8_t acc[M][2];
+  for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = vreinterpretq_f16_u16(vdupq_n_u16(0));
   int k = 0;
   for (; k + 4 <= K; k += 4, w += 4 * kF16Nr) {
-    const float16x8_t w0 = load_h8(w), w1 = load_h8(w + 8), w2 = load_h8(w + 16),
-                      w3 = load_h8(w + 24);
+    const float16x8_t w00 = load_h8(w), w01 = load_h8(w + 8);
+    const float16x8_t w10 = load_h8(w + 16), w11 = load_h8(w + 24);
+    const float16x8_t w20 = load_h8(w + 32), w21 = load_h8(w + 40);
+    const float16x8_t w30 = load_h8(w + 48), w31 = load_h8(w + 56);
     for (int m = 0; m < M; ++m) {
       const float16x4_t xv = vreinterpret_f16_u16(vld1_u16(xr[m] + k));
-      acc[m] = vfmaq_lane_f16(acc[m], w0, xv, 0);
-      acc[m] = vfmaq_lane_f16(acc[m], w1, xv, 1);
-      acc[m] = vfmaq_lane_f16(acc[m], w2, xv, 2);
-      acc[m] = vfmaq_lane_f16(acc[m], w3, xv, 3);
+      acc[m][0] = vfmaq_lane_f16(acc[m][0], w00, xv, 0);
+      acc[m][1] = vfmaq_lane_f16(acc[m][1], w01, xv, 0);
+      acc[m][0] = vfmaq_lane_f16(acc[m][0], w10, xv, 1);
+      acc[m][1] = vfmaq_lane_f16(acc[m][1], w11, xv, 1);
+      acc[m][0] = vfmaq_lane_f16(acc[m][0], w20, xv, 2);
+      acc[m][1] = vfmaq_lane_f16(acc[m][1], w21, xv, 2);
+      acc[m][0] = vfmaq_lane_f16(acc[m][0], w30, xv, 3);
+      acc[m][1] = vfmaq_lane_f16(acc[m][1], w31, xv, 3);
     }
   }
   for (; k < K; ++k, w += kF16Nr) {
-    const float16x8_t w0 = load_h8(w);
+    const float16x8_t w0 = load_h8(w), w1 = load_h8(w + 8);
     for (int m = 0; m < M; ++m) {
-      acc[m] = vfmaq_lane_f16(acc[m], w0, vreinterpret_f16_u16(vdup_n_u16(xr[m][k])), 0);
+      const float16x4_t xv = vreinterpret_f16_u16(vdup_n_u16(xr[m][k]));
+      acc[m][0] = vfmaq_lane_f16(acc[m][0], w0, xv, 0);
+      acc[m][1] = vfmaq_lane_f16(acc[m][1], w1, xv, 0);
     }
   }
   for (int m = 0; m < mr; ++m) {
     uint16_t tmp[kF16Nr];
-    vst1q_u16(tmp, vreinterpretq_u16_f16(acc[m]));
+    vst1q_u16(tmp, vreinterpretq_u16_f16(acc[m][0]));
+    vst1q_u16(tmp + 8, vreinterpretq_u16_f16(acc[m][1]));
     std::memcpy(y + static_cast<size_t>(m) * N, tmp, sizeof(uint16_t) * nr);
   }
 }
@@ -113,8 +123,9 @@ void gemm_f16_tile(const uint16_t* x, int K, const uint16_t* w, int mr, int nr, 
 void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
                 const void* w_packed, const float* ws, const float* bias, int N, float* y) {
   const PaddedRows xr(x, T, K, W8Kernel::kKb);
-  const std::vector<int> order = arm::all_tokens(T);
-  arm::qlinear_run<4, 1, W8Kernel::kNr>(W8Kernel{}, xr, order.data(), T, xs, w_packed,
+  arm::IndexList order(T);
+  order.push_range(T);
+  arm::qlinear_run<4, 1, W8Kernel::kNr>(W8Kernel{}, xr, order.idx.data(), T, xs, w_packed,
                                         static_cast<size_t>(xr.kp()) * W8Kernel::kNr, ws, bias,
                                         N, y);
 }
@@ -122,8 +133,9 @@ void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T
 void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
                 const void* w_packed, const float* ws, const float* bias, int N, float* y) {
   const PaddedRows xr(x, T, K, W4Kernel::kKb);
-  const std::vector<int> order = arm::all_tokens(T);
-  arm::qlinear_run<4, 1, W4Kernel::kNr>(W4Kernel{}, xr, order.data(), T, xs, w_packed,
+  arm::IndexList order(T);
+  order.push_range(T);
+  arm::qlinear_run<4, 1, W4Kernel::kNr>(W4Kernel{}, xr, order.idx.data(), T, xs, w_packed,
                                         static_cast<size_t>(xr.kp()) / 2 * W4Kernel::kNr, ws,
                                         bias, N, y);
 }
@@ -157,10 +169,12 @@ void gemm_f16(const uint16_t* x, int T, int K, const void* w_packed, int N, uint
     const uint16_t* wt = w + static_cast<size_t>(n0 / kF16Nr) * K * kF16Nr;
     int t = 0;
     for (; t + 4 <= T; t += 4) {
-      gemm_f16_tile<4>(x + static_cast<size_t>(t) * K, K, wt, 4, nr, N, y + static_cast<size_t>(t) * N + n0);
+      gemm_f16_tile<4>(x + static_cast<size_t>(t) * K, K, wt, 4, nr, N,
+                       y + static_cast<size_t>(t) * N + n0);
     }
     for (; t < T; ++t) {
-      gemm_f16_tile<1>(x + static_cast<size_t>(t) * K, K, wt, 1, nr, N, y + static_cast<size_t>(t) * N + n0);
+      gemm_f16_tile<1>(x + static_cast<size_t>(t) * K, K, wt, 1, nr, N,
+                       y + static_cast<size_t>(t) * N + n0);
     }
   }
 }

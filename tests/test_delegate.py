@@ -310,6 +310,21 @@ def test_quantize(lib, mode, shape):
     np.testing.assert_array_equal(out["codes_scales"], want_scales)
 
 
+def test_quantize_with_an_unconsumed_output(lib):
+    """The runtime gives an output nothing reads no memory; the op must not write through null."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 9)).astype(np.float32)
+    bits = rand_bits(rng, 5)
+    scales = np.array([0.02, 0.25], np.float32)
+    g = Graph()
+    xi, bi = g.input("x", np.float32, [5, 9]), g.input("bits", np.int32, [5])
+    si = g.input("scales", np.float32, [2])
+    codes, sc = g.tensor("codes", np.int8, [5, 9]), g.tensor("codes_scales", np.float32, [5])
+    g.op("TFQAT_QUANTIZE", [xi, bi, si], [codes, sc], {"mode": 0})
+    _, out = run(g.build([codes]), lib, {"x": x, "bits": bits, "scales": scales}, outputs=["codes"])
+    np.testing.assert_array_equal(out["codes"], ref_quantize(x, bits, scales)[0])
+
+
 def test_select_bits_topk_and_threshold(lib):
     rng = np.random.default_rng(2)
     imp = rng.standard_normal(23).astype(np.float32)

@@ -51,15 +51,28 @@ class QuantizeOp : public OpKernel {
       return n.fail(format("bits[%d] = %d; must be 4 or 8", bad, bits[bad]));
     }
     const float* scales = mode_ == 0 ? static_cast<const float*>(n.input(2)->data) : nullptr;
+    // The runtime gives an output that nothing consumes no memory: write it to scratch (sized on
+    // first use; this is the only allocation an Invoke can make).
+    int8_t* codes = static_cast<int8_t*>(n.output(0)->data);
+    float* scales_out = static_cast<float*>(n.output(1)->data);
+    if (!codes) {
+      codes_scratch_.resize(static_cast<size_t>(T_) * K_);
+      codes = codes_scratch_.data();
+    }
+    if (!scales_out) {
+      scales_scratch_.resize(static_cast<size_t>(T_));
+      scales_out = scales_scratch_.data();
+    }
     n.kt->quantize_rows(static_cast<const float*>(n.input(0)->data), T_, K_, bits_.data(), scales,
-                        static_cast<int8_t*>(n.output(0)->data),
-                        static_cast<float*>(n.output(1)->data));
+                        codes, scales_out);
     return kTfLiteOk;
   }
 
  private:
   int mode_ = 0, T_ = 0, K_ = 0;
   std::vector<uint8_t> bits_;
+  std::vector<int8_t> codes_scratch_;
+  std::vector<float> scales_scratch_;
 };
 
 // ---- TFQAT_SELECT_BITS ---------------------------------------------------------------------

@@ -25,8 +25,13 @@ if(NOT APPLE AND NOT WIN32)
     "  local:\n    *;\n};\n")
   target_link_options(tfqat_ops PRIVATE
     -Wl,--version-script=${_tfqat_delegate_map}
-    -Wl,--exclude-libs,ALL
     -Wl,--no-undefined)
+  # zig's linker does not know --exclude-libs; the version script already hides those symbols.
+  include(CheckLinkerFlag)
+  check_linker_flag(CXX "-Wl,--exclude-libs,ALL" TFQAT_HAVE_EXCLUDE_LIBS)
+  if(TFQAT_HAVE_EXCLUDE_LIBS)
+    target_link_options(tfqat_ops PRIVATE -Wl,--exclude-libs,ALL)
+  endif()
   set_property(TARGET tfqat_ops APPEND PROPERTY LINK_DEPENDS ${_tfqat_delegate_map})
 endif()
 

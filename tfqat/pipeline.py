@@ -25,8 +25,23 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+# Settings that change how a stage runs but not what it computes: left out of fingerprints, so
+# adding or changing one never invalidates a cached teacher or student.
+RUNTIME_KEYS = frozenset({"strategy"})
+
+
+def _semantic(obj):
+    if isinstance(obj, dict):
+        return {k: _semantic(v) for k, v in obj.items() if k not in RUNTIME_KEYS}
+    if isinstance(obj, (list, tuple)):
+        return [_semantic(v) for v in obj]
+    return obj
+
+
 def fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of the inputs a stage depends on (config dicts minus :data:`RUNTIME_KEYS`)."""
+    blob = json.dumps(_semantic(list(parts)), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _claim_stage_dir(stage_dir: Path, fp: str, what: str) -> None:

@@ -60,11 +60,14 @@ def plot_losses(curves: dict[str, list[dict]], path: Path) -> None:
     for label, rows in curves.items():
         if rows:
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
+    if not any(curves.values()):
+        ax.text(0.5, 0.5, "no training in this run", ha="center", transform=ax.transAxes)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if any(curves.values()):
+        ax.legend(fontsize=7)
     _save_fig(fig, path)
 
 
@@ -98,14 +101,24 @@ def _save_fig(fig, path: Path) -> None:
 
 
 def write_report(run_dir: Path, title: str, rows: list[dict], sections: dict[str, str],
-                 curves: dict[str, list[dict]], extra: dict) -> dict:
-    """Write report.md / report.json / loss_curves.png / perplexity.png; returns the paths."""
-    plot_losses(curves, run_dir / "loss_curves.png")
-    plot_perplexity(rows, run_dir / "perplexity.png")
-    md = [f"# {title}", "", results_table(rows), ""]
+                 curves: dict[str, list[dict]], extra: dict, stem: str = "report",
+                 table=None) -> dict:
+    """Write ``<stem>.md`` / ``<stem>.json`` and the loss-curve and perplexity plots.
+
+    ``stem="report"`` (the default run): report.md, report.json, loss_curves.png,
+    perplexity.png. Another stem (``"ablation"``): ablation.md, ablation.json,
+    ablation_loss_curves.png, ablation.png. ``table``: a custom ``rows -> markdown`` function.
+    Returns the paths by file name.
+    """
+    names = (["report.md", "report.json", "loss_curves.png", "perplexity.png"] if stem == "report"
+             else [f"{stem}.md", f"{stem}.json", f"{stem}_loss_curves.png", f"{stem}.png"])
+    md_name, json_name, curves_name, ppl_name = names
+    plot_losses(curves, run_dir / curves_name)
+    plot_perplexity(rows, run_dir / ppl_name)
+    md = [f"# {title}", "", (table or results_table)(rows), ""]
     for head, body in sections.items():
         md += [f"## {head}", "", body, ""]
-    md += ["![loss curves](loss_curves.png)", "", "![perplexity](perplexity.png)", ""]
-    _atomic_write_text(run_dir / "report.md", "\n".join(md))
-    _atomic_write_text(run_dir / "report.json", json.dumps({"title": title, "rows": rows, **extra}, indent=1))
-    return {k: str(run_dir / k) for k in ("report.md", "report.json", "loss_curves.png", "perplexity.png")}
+    md += [f"![loss curves]({curves_name})", "", f"![perplexity]({ppl_name})", ""]
+    _atomic_write_text(run_dir / md_name, "\n".join(md))
+    _atomic_write_text(run_dir / json_name, json.dumps({"title": title, "rows": rows, **extra}, indent=1))
+    return {k: str(run_dir / k) for k in names}

@@ -1,7 +1,12 @@
 """``python -m tfqat.train``: the default job, end to end.
 
-FP teacher (trained, or reused when cached) -> QAT -> evaluation -> report, each stage resumable:
-interrupt it at any point (even ``kill -9``) and rerun the same command to continue.
+data -> FP teacher (trained, or reused when cached) -> FP evaluation -> RTN post-training
+quantization rows (``qat.ptq_recipes``) -> QAT of the student with the full method
+(``qat.recipe``, default ``w4a4-8`` at rho 0.5, distill + entropy + distribution losses) ->
+its evaluation -> export (:mod:`tfqat.export`) -> ``runs/<name>/report.md``, ``report.json``,
+``loss_curves.png``, ``perplexity.png``. Every stage is resumable: interrupt it at any point
+(even ``kill -9``) and rerun the same command to continue; finished stages and evaluations are
+reused.
 """
 
 from __future__ import annotations
@@ -21,7 +26,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(ap)
     ap.add_argument("--stage", choices=["fp", "all"], default="all",
                     help="'fp': only the FP teacher and its evaluation; 'all' (default): the whole job")
+    ap.add_argument("--no-export", action="store_true",
+                    help="skip the export stage (model.tflite of the QAT student)")
     return ap
+
+
+def export_stage(cfg, stage_dir, progress: bool) -> tuple[str, dict]:
+    """Export the QAT student (:func:`tfqat.export.export_run`); a failure is reported, not fatal,
+    so the report of a finished training run is never lost to an export problem."""
+    import json
+
+    from .cli import UserError
+
+    try:
+        from .export import export_run
+    except ImportError as e:  # the export module is optional
+        return f"skipped: tfqat.export unavailable ({e})", {"ok": False}
+    try:
+        result = json.loads(json.dumps(export_run(cfg, stage_dir, progress=progress), default=str))
+    except UserError as e:
+        print(f"warning: export failed: {e}", file=sys.stderr)
+        return f"**failed**: {e}", {"ok": False, "error": str(e)}
+    files = ", ".join(f"`{k}`" for k in result) if isinstance(result, dict) else ""
+    return f"exported from `{stage_dir}`: {files}", {"ok": True, **(result if isinstance(result, dict) else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(pipeline.qat_eval_row(cfg, data, student, qat_result, "QAT (full method)",
                                               stage_dir(cfg, recipe), progress))
             t = lap("qat_eval", t)
-            curves[f"QAT {recipe.name} (total loss)"] = read_metrics(stage_dir(cfg, recipe) / "metrics.csv")
+            qat_rows = read_metrics(stage_dir(cfg, recipe) / "metrics.csv")
+            curves[f"QAT {recipe.name}: student CE (comparable with FP)"] = [
+                {"step": r["step"], "loss": r["ce"]} for r in qat_rows if "ce" in r]
+            curves[f"QAT {recipe.name}: total loss (distill + r_E L_E + r_D L_D)"] = qat_rows
             extra["qat"] = qat_result
+            if not args.no_export:
+                sections["Export"], extra["export"] = export_stage(cfg, stage_dir(cfg, recipe), progress)
+                t = lap("export", t)
             lo = cfg.qat.losses
             sections["QAT"] = (
                 f"Student `{recipe.name}`: {recipe.describe()}. Initialised from the teacher, every scale "

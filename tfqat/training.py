@@ -11,6 +11,7 @@ interrupted run would have seen.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import time
@@ -28,8 +29,12 @@ from .config import TrainConfig
 LossFn = Callable[[tf.Tensor, tf.Tensor, bool], tuple[tf.Tensor, dict]]
 
 
-def make_optimizer(cfg: TrainConfig, steps: int) -> keras.optimizers.Optimizer:
-    """AdamW with linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio``."""
+def make_optimizer(cfg: TrainConfig, steps: int, clip: bool = True) -> keras.optimizers.Optimizer:
+    """AdamW with linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio``.
+
+    ``clip=False`` leaves out ``global_clipnorm`` (the distributed step clips the all-reduced
+    gradients itself: Keras would clip each replica's partial gradients).
+    """
     warmup = min(cfg.warmup_steps, max(0, steps - 1))
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else cfg.lr,
@@ -43,7 +48,7 @@ def make_optimizer(cfg: TrainConfig, steps: int) -> keras.optimizers.Optimizer:
         weight_decay=cfg.weight_decay,
         beta_1=cfg.beta1,
         beta_2=cfg.beta2,
-        global_clipnorm=cfg.grad_clip,
+        global_clipnorm=cfg.grad_clip if clip else None,
     )
 
 
@@ -54,6 +59,7 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     resumed_from: int
+    model: object = None  # the trained model when train_loop built it from a factory
 
 
 class MetricsLog:
@@ -89,8 +95,8 @@ class MetricsLog:
 
 def train_loop(
     run_dir: Path,
-    model: keras.Model,
-    loss_fn: LossFn,
+    model,
+    loss_fn: LossFn | None,
     dataset,
     cfg: TrainConfig,
     steps: int,
@@ -98,24 +104,67 @@ def train_loop(
     desc: str = "train",
     extra_trackables: dict | None = None,
     progress: bool = True,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps, resuming from ``run_dir/ckpt`` if present.
 
     Args:
+        model: a built ``keras.Model``, or a zero-argument factory returning ``(model, loss_fn)``
+            (then ``loss_fn`` is ignored); a factory is called under ``strategy.scope()``, which
+            is what a non-default strategy needs (or build the model under that scope yourself).
         loss_fn: ``(inputs, targets, training) -> (scalar loss, {name: scalar})``.
-        dataset: ``fn(start_step) -> iterable of (inputs, targets)`` starting at that step.
-        extra_trackables: more variables to checkpoint (e.g. quantizer state not owned by model).
+        dataset: ``fn(start_step) -> iterable of (inputs, targets)`` starting at that step; each
+            batch is the GLOBAL batch (the same on every worker); replica ``r`` of ``R`` trains on
+            rows ``[r*B/R, (r+1)*B/R)``.
+        extra_trackables: more variables to checkpoint (e.g. quantizer state not owned by model);
+            with a factory, a callable ``model -> dict``.
+        strategy: a ``tf.distribute.Strategy``; None = ``make_strategy(cfg.strategy)``. The
+            default strategy runs the original single-device step, unchanged.
+
+    Under a non-default strategy the per-replica loss is divided by the number of replicas and
+    the gradients are all-reduced (summed) before global-norm clipping, so one step equals the
+    single-device step on the same global batch (same ``batch_size``, same ``lr``). Only the
+    chief writes metrics, TensorBoard and the real checkpoints; other workers save to a temporary
+    directory (deleted afterwards), as the TF multi-worker guide recommends. Every worker resumes
+    from the chief's ``run_dir/ckpt`` (``run_dir`` must be on a shared file system).
     """
+    run_dir = Path(run_dir)
+    if strategy is None:
+        strategy = make_strategy(getattr(cfg, "strategy", "default"))
+    distributed = not is_default_strategy(strategy)
+    built = None
+    if not isinstance(model, keras.Model) and callable(model):
+        with strategy.scope():
+            model, loss_fn = model()
+        built = model
+        if callable(extra_trackables):
+            extra_trackables = extra_trackables(model)
+    elif distributed:
+        _check_in_scope(strategy, model)
+    chief = is_chief(strategy)
     run_dir.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(cfg, steps)
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var, **(extra_trackables or {}))
-    manager = tf.train.CheckpointManager(ckpt, str(run_dir / "ckpt"), max_to_keep=2)
+    ckpt_dir = run_dir / "ckpt"
+    write_dir = ckpt_dir if chief else _worker_tmp_dir(run_dir, strategy)
+    with strategy.scope():
+        optimizer = make_optimizer(cfg, steps, clip=not distributed)
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var, **(extra_trackables or {}))
+        if distributed:
+            optimizer.build(model.trainable_variables)
+    manager = tf.train.CheckpointManager(ckpt, str(write_dir), max_to_keep=2)
     start = 0
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).expect_partial()
+    latest = tf.train.latest_checkpoint(str(ckpt_dir))
+    if latest:
+        ckpt.restore(latest).expect_partial()
         start = int(step_var.numpy())
-    log = MetricsLog(run_dir, start)
+    log = MetricsLog(run_dir, start) if chief else _NullLog()
+    if distributed:
+        return _distributed_loop(run_dir, model, loss_fn, dataset, cfg, steps, tokens_per_step, desc,
+                                 progress and chief, strategy, optimizer, step_var, manager, log,
+                                 start, chief, write_dir, built)
+    if start >= steps:
+        last = float(log.rows[-1]["loss"]) if log.rows else float("nan")
+        return TrainResult(start, last, float("nan"), 0.0, start, built)
     if start >= steps:
         last = float(log.rows[-1]["loss"]) if log.rows else float("nan")
         return TrainResult(start, last, float("nan"), 0.0, start)
@@ -173,7 +222,238 @@ def train_loop(
     bar.close()
     log.flush()
     wall = time.perf_counter() - t0
-    return TrainResult(steps, loss_val, tokens_per_s, wall, start)
+    return TrainResult(steps, loss_val, tokens_per_s, wall, start, built)
+
+
+class DistributeError(RuntimeError):
+    """A tf.distribute setup problem (TF_CONFIG, unreachable workers), reported as one line."""
+
+
+class _NullLog:
+    """Non-chief workers: no metrics.csv, no TensorBoard."""
+
+    rows: list = []
+
+    def log(self, step, values):
+        pass
+
+    def flush(self):
+        pass
+
+
+def is_default_strategy(strategy) -> bool:
+    return type(strategy).__name__ == "_DefaultDistributionStrategy"
+
+
+def parse_tf_config(env: str | None = None) -> dict:
+    """``TF_CONFIG`` as a dict, checked: ``cluster`` with ``worker`` (and optional ``chief``) and
+    a ``task`` naming one of them. One-line :class:`DistributeError` otherwise."""
+    raw = os.environ.get("TF_CONFIG") if env is None else env
+    if not raw:
+        raise DistributeError("train.strategy multiworker needs TF_CONFIG (cluster + task); it is not set")
+    try:
+        tfc = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DistributeError(f"TF_CONFIG is not valid JSON ({e.msg} at column {e.colno})") from None
+    cluster = tfc.get("cluster") if isinstance(tfc, dict) else None
+    if not isinstance(cluster, dict) or not (cluster.get("worker") or cluster.get("chief")):
+        raise DistributeError("TF_CONFIG names no worker: cluster.worker must list host:port addresses")
+    task = tfc.get("task") or {}
+    kind, index = task.get("type"), task.get("index", 0)
+    if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
+        raise DistributeError(f"TF_CONFIG task {task} is not in its cluster {cluster}")
+    for addr in [a for k in cluster for a in cluster[k]]:
+        host, _, port = str(addr).rpartition(":")
+        if not host or not port.isdigit():
+            raise DistributeError(f"TF_CONFIG address {addr!r} is not host:port")
+    return tfc
+
+
+def check_workers_reachable(tfc: dict, wait_s: float | None = None, connect_timeout: float = 0.5) -> None:
+    """Wait until at least one other task of TF_CONFIG accepts TCP connections, else raise.
+
+    While waiting, this process listens on its own address, so that peers running the same
+    check see it before TF's server starts (no start-up deadlock). ``wait_s`` defaults to
+    ``TFQAT_WORKER_WAIT_S`` or 30 s.
+    """
+    import socket
+
+    if wait_s is None:
+        wait_s = float(os.environ.get("TFQAT_WORKER_WAIT_S", "30"))
+    cluster, task = tfc["cluster"], tfc["task"]
+    me = cluster[task["type"]][task.get("index", 0)]
+    others = [a for k in cluster for a in cluster[k] if a != me]
+    if not others:
+        return
+    listener = None
+    try:
+        host, _, port = me.rpartition(":")
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, int(port)))
+        listener.listen(16)
+    except OSError:
+        if listener is not None:
+            listener.close()
+        listener = None
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            for addr in others:
+                host, _, port = addr.rpartition(":")
+                try:
+                    with socket.create_connection((host.strip("[]"), int(port)), timeout=connect_timeout):
+                        return
+                except OSError:
+                    pass
+            if time.monotonic() >= deadline:
+                raise DistributeError(
+                    f"TF_CONFIG names no reachable worker: nothing answered at {', '.join(others)} "
+                    f"within {wait_s:g} s; start the other workers or fix TF_CONFIG's cluster")
+            time.sleep(0.2)
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def make_strategy(kind: str = "default", wait_s: float | None = None) -> tf.distribute.Strategy:
+    """``default`` (one device), ``mirrored`` (all local GPUs, else the CPU) or ``multiworker``
+    (MultiWorkerMirroredStrategy from ``TF_CONFIG``, after checking a peer is reachable).
+
+    Create it at program start, before other TensorFlow work (collective ops must be configured
+    before the runtime initialises).
+    """
+    if kind == "default":
+        return tf.distribute.get_strategy()
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if kind == "multiworker":
+        tfc = parse_tf_config()
+        check_workers_reachable(tfc, wait_s)
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except (RuntimeError, ValueError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DistributeError(f"cannot create MultiWorkerMirroredStrategy ({msg}); create it at "
+                                  "program start, before other TensorFlow work") from None
+    raise DistributeError(f"train.strategy: unknown strategy {kind!r}; use default, mirrored or multiworker")
+
+
+def is_chief(strategy) -> bool:
+    """True on the one task that writes checkpoints and reports."""
+    ext = getattr(strategy, "extended", None)
+    task_type = getattr(ext, "_task_type", None)
+    task_id = getattr(ext, "_task_id", None)
+    if task_type is None:
+        return True
+    if task_type == "chief":
+        return True
+    cluster = getattr(ext, "_cluster_spec", None)
+    has_chief = bool(cluster is not None and "chief" in cluster.jobs)
+    return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def _worker_tmp_dir(run_dir: Path, strategy) -> Path:
+    ext = strategy.extended
+    return run_dir / ".workers" / f"{getattr(ext, '_task_type', 'worker')}_{getattr(ext, '_task_id', 0)}"
+
+
+def _check_in_scope(strategy, model) -> None:
+    variables = model.weights
+    if not variables:
+        return
+    v = variables[0]
+    v = getattr(v, "value", v)
+    try:
+        ok = strategy.extended.variable_created_in_scope(v)
+    except Exception:  # noqa: BLE001 - unknown variable kind: let TF complain later
+        ok = True
+    if not ok:
+        raise DistributeError(f"{type(strategy).__name__}: the model was built outside strategy.scope(); "
+                              "pass train_loop a factory or build it under the scope")
+
+
+def _distributed_loop(run_dir, model, loss_fn, dataset, cfg, steps, tokens_per_step, desc, progress,
+                      strategy, optimizer, step_var, manager, log, start, chief, write_dir, built):
+    n = strategy.num_replicas_in_sync
+    variables = model.trainable_variables
+    if start >= steps:
+        last = float(log.rows[-1]["loss"]) if log.rows else float("nan")
+        _cleanup_worker_dir(chief, write_dir)
+        return TrainResult(start, last, float("nan"), 0.0, start, built)
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            loss, metrics = loss_fn(x, y, True)
+            scaled = loss / n
+        grads = tape.gradient(scaled, variables)
+        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+        grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        grads, _ = tf.clip_by_global_norm(grads, cfg.grad_clip)
+        # Keras sums the replicas' gradients again inside apply_gradients: hand it 1/n each.
+        optimizer.apply_gradients(zip([g / n for g in grads], variables))
+        return loss, metrics
+
+    @tf.function(reduce_retracing=True)
+    def train_step(x, y):
+        loss, metrics = strategy.run(replica_step, args=(x, y))
+        loss = strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None)
+        metrics = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in metrics.items()}
+        step_var.assign_add(1)
+        return loss, metrics
+
+    def split(t):
+        b = int(t.shape[0])
+        if b % n:
+            raise DistributeError(f"train.batch_size {b} is not divisible by the {n} replicas; make it a multiple")
+        per = b // n
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: t[ctx.replica_id_in_sync_group * per:(ctx.replica_id_in_sync_group + 1) * per])
+
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
+    t0 = time.perf_counter()
+    t_log, done_since_log, loss_val, tokens_per_s, first = t0, 0, float("nan"), float("nan"), True
+    for x, y in dataset(start):
+        loss, metrics = train_step(split(x), split(y))
+        step = int(step_var.numpy())
+        done_since_log += 1
+        bar.update(1)
+        if first:
+            first = False
+            t_log, done_since_log = time.perf_counter(), 0
+        if step % cfg.log_every == 0 or step == steps:
+            loss_val = float(loss)
+            if not math.isfinite(loss_val):
+                manager.save(checkpoint_number=step)
+                raise FloatingPointError(
+                    f"{desc}: loss became {loss_val} at step {step}; lower train.lr or raise warmup_steps")
+            now = time.perf_counter()
+            if done_since_log:
+                tokens_per_s = done_since_log * tokens_per_step / max(now - t_log, 1e-9)
+            t_log, done_since_log = now, 0
+            lr = optimizer.learning_rate
+            lr = float(lr(step) if callable(lr) else lr)
+            values = {"loss": loss_val, "lr": lr, "tokens_per_s": tokens_per_s}
+            values.update({k: float(v) for k, v in metrics.items()})
+            log.log(step, values)
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if step % cfg.checkpoint_every == 0 or step == steps:
+            manager.save(checkpoint_number=step)  # every worker saves (collective); chief's is kept
+            log.flush()
+        if step >= steps:
+            break
+    bar.close()
+    log.flush()
+    _cleanup_worker_dir(chief, write_dir)
+    return TrainResult(steps, loss_val, tokens_per_s, time.perf_counter() - t0, start, built)
+
+
+def _cleanup_worker_dir(chief: bool, write_dir: Path) -> None:
+    if not chief:
+        import shutil
+
+        shutil.rmtree(write_dir, ignore_errors=True)
 
 
 def lm_loss(model: keras.Model) -> LossFn:

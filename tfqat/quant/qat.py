@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfqat.quant.losses import distillation_loss, distribution_loss, entropy_loss

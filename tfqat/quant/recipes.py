@@ -13,6 +13,8 @@ Named recipes (:data:`RECIPES`)::
     w4a4     4        4                   4                 8
     w4a4-8   4        8/4 token-adaptive  8/4 token-adaptive 8     (rho = 0.5, configurable)
     w6a6     6        6                   6                 8     (uniform 6-bit, ablation)
+    w4a6     4        6                   6                 8     (uniform 6-bit activations: the
+                                                                   same-weights rival of w4a4-8)
     w4a16    4        float               float             float (weights only)
 
 Custom recipes come from a dict or a YAML file with the same keys as :class:`Recipe`.
@@ -137,6 +139,7 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w4a4", w_bits=4, a_bits=4, kv_bits=4),
         Recipe("w4a4-8", w_bits=4, a_bits=8, kv_bits=8, adaptive=True, low_bits=4, rho=0.5),
         Recipe("w6a6", w_bits=6, a_bits=6, kv_bits=6),
+        Recipe("w4a6", w_bits=4, a_bits=6, kv_bits=6),
         Recipe("w4a16", w_bits=4, a_bits=None, kv_bits=None, probs_bits=None),
     )
 }

@@ -93,9 +93,7 @@ def test_gptq_beats_rtn_on_output_error():
     for g in range(2):
         cols = w_gptq[g_idx == g]  # (128, out)
         for o in range(d_out):
-            v = cols[:, o]
-            s = np.abs(v).max() / max(np.abs(np.round(v / (np.abs(v).max() / 8 + 1e-12))).max(), 1)
-            assert len(np.unique(np.round(v, 7))) <= 16
+            assert len(np.unique(np.round(cols[:, o], 7))) <= 16  # at most 2^4 levels
 
 
 def test_pruning_keeps_the_right_tokens():

@@ -100,7 +100,7 @@ def test_fp_training_resumes_from_checkpoint(tmp_path):
     from tfqat.config import load_config
     from tfqat.data import train_dataset
     from tfqat.models import build_model
-    from tfqat.pipeline import checkpoint_trackables, load_data
+    from tfqat.pipeline import load_data
     from tfqat.training import lm_loss, train_loop
 
     cfg = load_config(write_micro(tmp_path, train={"log_every": 1}))
@@ -123,8 +123,7 @@ def test_fp_training_resumes_from_checkpoint(tmp_path):
     def run(folder, ds):
         model = fresh()
         return train_loop(tmp_path / folder, model, lm_loss(model), ds, t, t.steps,
-                          t.batch_size * cfg.data.seq_len, progress=False,
-                          extra_trackables=checkpoint_trackables(model))  # as fp_stage / qat_stage
+                          t.batch_size * cfg.data.seq_len, progress=False)
 
     ref = run("ref", dataset())
     with pytest.raises(Interrupted):

@@ -56,24 +56,6 @@ def _claim_stage_dir(stage_dir: Path, fp: str, what: str) -> None:
         write_json_atomic(marker, {"fingerprint": fp})
 
 
-def save_weights_atomic(model, path: Path) -> None:
-    """``model.save_weights`` via a temporary ``.tmp-<name>`` (Keras insists on ``.weights.h5``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    model.save_weights(str(tmp))
-    os.replace(tmp, path)
-
-
-def checkpoint_trackables(model) -> dict:
-    """Every variable of ``model``, by position, for ``train_loop(extra_trackables=...)``.
-
-    ``tf.train.Checkpoint(model=...)`` does not follow a Keras 3 model's Python list of blocks,
-    so without this a resumed run restores only the embeddings, final norm and lm_head (and
-    never the quantizers' non-trainable init flags). Positions are stable for one config.
-    """
-    return {"model_weights": list(model.weights)}
-
-
 def load_data(cfg: RunConfig, progress: bool = True):
     from .data import prepare_data
 
@@ -97,7 +79,7 @@ def build_fp_model(cfg: RunConfig):
 def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]:
     """Train (or reuse) the full-precision teacher. Returns (model, stage result dict)."""
     from .data import train_dataset
-    from .training import lm_loss, seed_everything, train_loop
+    from .training import lm_loss, save_weights_atomic, seed_everything, train_loop
 
     stage = cfg.run_dir / "fp"
     fp = fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), cfg.data.seq_len, data.key)
@@ -113,7 +95,6 @@ def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]
         stage, model, lm_loss(model),
         lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
         t, t.steps, t.batch_size * cfg.data.seq_len, desc="FP teacher", progress=progress,
-        extra_trackables=checkpoint_trackables(model),
     )
     save_weights_atomic(model, teacher_path(cfg))
     result = {"steps": res.steps, "final_loss": res.final_loss, "tokens_per_s": res.tokens_per_s,

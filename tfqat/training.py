@@ -148,7 +148,10 @@ def train_loop(
     with strategy.scope():
         optimizer = make_optimizer(cfg, steps, clip=not distributed)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var, **(extra_trackables or {}))
+        # tf.train.Checkpoint does not follow a Keras 3 model's Python list of blocks: list every
+        # model variable (by position; stable for one config) or a resume restores only a few.
+        ckpt = tf.train.Checkpoint(model=model, model_weights=list(model.weights), optimizer=optimizer,
+                                   step=step_var, **(extra_trackables or {}))
         if distributed:
             optimizer.build(model.trainable_variables)
     manager = tf.train.CheckpointManager(ckpt, str(write_dir), max_to_keep=2)
@@ -468,9 +471,12 @@ def lm_loss(model: keras.Model) -> LossFn:
 
 
 def save_weights_atomic(model: keras.Model, path: Path) -> None:
-    """``model.save_weights`` through a temporary file, so a crash never leaves half a file."""
+    """``model.save_weights`` through a temporary file, so a crash never leaves half a file.
+
+    The temporary name keeps the ``.weights.h5`` ending that Keras insists on.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".tmp-{path.name}")
     model.save_weights(str(tmp))
     os.replace(tmp, path)
 

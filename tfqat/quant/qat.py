@@ -322,9 +322,9 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
     from tfqat.config import config_to_dict
     from tfqat.data import train_dataset
     from tfqat.pipeline import (
-        _claim_stage_dir, checkpoint_trackables, fingerprint, save_weights_atomic, teacher_path, write_json_atomic,
+        _claim_stage_dir, fingerprint, teacher_path, write_json_atomic,
     )
-    from tfqat.training import seed_everything, train_loop
+    from tfqat.training import save_weights_atomic, seed_everything, train_loop
 
     qat = qat or cfg.qat
     recipe = resolve_recipe(cfg.model_copy(update={"qat": qat}), recipe)
@@ -353,7 +353,6 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
         stage, student, qat_loss(student, teachers, qat.losses),
         lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
         t, t.steps, t.batch_size * cfg.data.seq_len, desc=f"QAT {recipe.name}", progress=progress,
-        extra_trackables=checkpoint_trackables(student),
     )
     save_weights_atomic(student, weights)
     write_json_atomic(stage / "recipe.json", recipe.to_dict())

@@ -161,39 +161,22 @@ def train_loop(
         ckpt.restore(latest).expect_partial()
         start = int(step_var.numpy())
     log = MetricsLog(run_dir, start) if chief else _NullLog()
-    if distributed:
-        return _distributed_loop(run_dir, model, loss_fn, dataset, cfg, steps, tokens_per_step, desc,
-                                 progress and chief, strategy, optimizer, step_var, manager, log,
-                                 start, chief, write_dir, built)
     if start >= steps:
         last = float(log.rows[-1]["loss"]) if log.rows else float("nan")
+        if distributed:
+            _cleanup_worker_dir(chief, write_dir)
         return TrainResult(start, last, float("nan"), 0.0, start, built)
-    if start >= steps:
-        last = float(log.rows[-1]["loss"]) if log.rows else float("nan")
-        return TrainResult(start, last, float("nan"), 0.0, start)
+    step_fn = (_distributed_step(model, loss_fn, cfg, strategy, optimizer, step_var) if distributed
+               else _local_step(model, loss_fn, optimizer, step_var))
 
-    variables = None
-
-    @tf.function(reduce_retracing=True)
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            loss, metrics = loss_fn(x, y, True)
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables))
-        step_var.assign_add(1)
-        return loss, metrics
-
-    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not progress,
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not (progress and chief),
                dynamic_ncols=True, mininterval=1.0)
     t0 = time.perf_counter()
     t_log, done_since_log, loss_val = t0, 0, float("nan")
     tokens_per_s = float("nan")
     first_step_done = False
     for x, y in dataset(start):
-        if variables is None:
-            model(x[:1])  # build lazily-created variables before the first traced step
-            variables = model.trainable_variables
-        loss, metrics = train_step(x, y)
+        loss, metrics = step_fn(x, y)
         step = int(step_var.numpy())
         done_since_log += 1
         bar.update(1)
@@ -218,14 +201,37 @@ def train_loop(
             log.log(step, values)
             bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if step % cfg.checkpoint_every == 0 or step == steps:
-            manager.save(checkpoint_number=step)
+            manager.save(checkpoint_number=step)  # under a strategy every worker saves (collective)
             log.flush()
         if step >= steps:
             break
     bar.close()
     log.flush()
-    wall = time.perf_counter() - t0
-    return TrainResult(steps, loss_val, tokens_per_s, wall, start, built)
+    if distributed:
+        _cleanup_worker_dir(chief, write_dir)
+    return TrainResult(steps, loss_val, tokens_per_s, time.perf_counter() - t0, start, built)
+
+
+def _local_step(model, loss_fn, optimizer, step_var):
+    """One device: a traced step; variables are listed after the first batch builds the model."""
+    variables = []
+
+    @tf.function(reduce_retracing=True)
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss, metrics = loss_fn(x, y, True)
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        step_var.assign_add(1)
+        return loss, metrics
+
+    def step(x, y):
+        if not variables:
+            model(x[:1])  # build lazily-created variables before the first traced step
+            variables.extend(model.trainable_variables)
+        return train_step(x, y)
+
+    return step
 
 
 class DistributeError(RuntimeError):
@@ -376,14 +382,10 @@ def _check_in_scope(strategy, model) -> None:
                               "pass train_loop a factory or build it under the scope")
 
 
-def _distributed_loop(run_dir, model, loss_fn, dataset, cfg, steps, tokens_per_step, desc, progress,
-                      strategy, optimizer, step_var, manager, log, start, chief, write_dir, built):
+def _distributed_step(model, loss_fn, cfg, strategy, optimizer, step_var):
+    """Replicas each take a slice of the global batch; gradients are summed, then clipped."""
     n = strategy.num_replicas_in_sync
     variables = model.trainable_variables
-    if start >= steps:
-        last = float(log.rows[-1]["loss"]) if log.rows else float("nan")
-        _cleanup_worker_dir(chief, write_dir)
-        return TrainResult(start, last, float("nan"), 0.0, start, built)
 
     def replica_step(x, y):
         with tf.GradientTape() as tape:
@@ -413,43 +415,7 @@ def _distributed_loop(run_dir, model, loss_fn, dataset, cfg, steps, tokens_per_s
         return strategy.experimental_distribute_values_from_function(
             lambda ctx: t[ctx.replica_id_in_sync_group * per:(ctx.replica_id_in_sync_group + 1) * per])
 
-    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not progress,
-               dynamic_ncols=True, mininterval=1.0)
-    t0 = time.perf_counter()
-    t_log, done_since_log, loss_val, tokens_per_s, first = t0, 0, float("nan"), float("nan"), True
-    for x, y in dataset(start):
-        loss, metrics = train_step(split(x), split(y))
-        step = int(step_var.numpy())
-        done_since_log += 1
-        bar.update(1)
-        if first:
-            first = False
-            t_log, done_since_log = time.perf_counter(), 0
-        if step % cfg.log_every == 0 or step == steps:
-            loss_val = float(loss)
-            if not math.isfinite(loss_val):
-                manager.save(checkpoint_number=step)
-                raise FloatingPointError(
-                    f"{desc}: loss became {loss_val} at step {step}; lower train.lr or raise warmup_steps")
-            now = time.perf_counter()
-            if done_since_log:
-                tokens_per_s = done_since_log * tokens_per_step / max(now - t_log, 1e-9)
-            t_log, done_since_log = now, 0
-            lr = optimizer.learning_rate
-            lr = float(lr(step) if callable(lr) else lr)
-            values = {"loss": loss_val, "lr": lr, "tokens_per_s": tokens_per_s}
-            values.update({k: float(v) for k, v in metrics.items()})
-            log.log(step, values)
-            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        if step % cfg.checkpoint_every == 0 or step == steps:
-            manager.save(checkpoint_number=step)  # every worker saves (collective); chief's is kept
-            log.flush()
-        if step >= steps:
-            break
-    bar.close()
-    log.flush()
-    _cleanup_worker_dir(chief, write_dir)
-    return TrainResult(steps, loss_val, tokens_per_s, time.perf_counter() - t0, start, built)
+    return lambda x, y: train_step(split(x), split(y))
 
 
 def _cleanup_worker_dir(chief: bool, write_dir: Path) -> None:

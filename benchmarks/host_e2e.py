@@ -169,6 +169,19 @@ def main(argv=None) -> int:
             print(f"| {label} | {r['prefill_ms_per_token']:.3f} | {r['decode_ms_per_token']:.3f} | "
                   f"{r['peak_rss_mb']:.0f} | {r['size_mb']:.2f} | {r.get('prefill_speedup', 0):.2f} | "
                   f"{r.get('decode_speedup', 0):.2f} | {r.get('size_ratio', 0):.2f} |")
+        aeq4 = rows.get("AEQ dynamic int4", {})
+        for label, r in rows.items():
+            if not label.startswith("ours w4a4-8") or "error" in r or "error" in base:
+                continue
+            goals = {"prefill >= 2.5x float": r["prefill_speedup"] >= 2.5,
+                     "decode >= 3x float": r["decode_speedup"] >= 3.0,
+                     "faster than AEQ int4 (prefill and decode)": "error" not in aeq4 and
+                     r["prefill_ms_per_token"] < aeq4.get("prefill_ms_per_token", 0) and
+                     r["decode_ms_per_token"] < aeq4.get("decode_ms_per_token", 0),
+                     "size <= 0.3x float": r["size_ratio"] <= 0.3}
+            r["goals"] = goals
+            print(f"\ngoals, {label}: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}"
+                                                    for k, v in goals.items()))
         sys.stdout.flush()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

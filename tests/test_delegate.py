@@ -494,6 +494,53 @@ def test_attn_pv(lib, isa, kv_bits, length):
     np.testing.assert_array_equal(out["out"], ref_attn_pv(p, ps[0], v_codes, rowbits, vs, length))
 
 
+@pytest.mark.parametrize("isa", [None] + ALL_ISAS)
+@pytest.mark.parametrize("kv_bits", [4, 8])
+def test_attn_prefill_blocks(lib, isa, kv_bits):
+    """T > 16 (the delegate runs prefill attention per head and causal block of 16 queries):
+    still bit-exact, with a causal P and with stray nonzero probabilities past the horizon."""
+    rng = np.random.default_rng(40 + kv_bits)
+    h, hkv, t, d, s_cap, length = 4, 2, 37, 13, 45, 40
+    q = rng.integers(-128, 128, size=(h, t, d)).astype(np.int8)
+    qs = (rng.random(t) * 0.1 + 0.01).astype(np.float32)
+    k_codes, k_store = cache(rng, kv_bits, hkv, s_cap, d)
+    ks = (rng.random(s_cap) * 0.1 + 0.01).astype(np.float32)
+    g = Graph()
+    ins = [g.input("q", np.int8, q.shape), g.input("qs", np.float32, [t]),
+           g.input("k_cache", k_store.dtype, k_store.shape), g.input("ks", np.float32, [s_cap]),
+           g.input("length", np.int32, [1])]
+    out_t = g.tensor("scores", np.float32, [h, t, s_cap])
+    g.op("TFQAT_ATTN_QK", ins, [out_t], {"kv_bits": kv_bits, "d": d})
+    _, out = run(g.build([out_t]), lib, {"q": q, "qs": qs, "k_cache": k_store, "ks": ks,
+                                         "length": np.array([length], np.int32)},
+                 {"isa": isa} if isa else None)
+    np.testing.assert_array_equal(out["scores"], ref_attn_qk(q, qs, k_codes, ks, length))
+
+    p = rng.integers(0, 256, size=(h, t, s_cap)).astype(np.uint8)
+    causal = np.arange(s_cap)[None, :] <= (length - t + np.arange(t))[:, None]
+    p_causal = np.where(causal[None], p, 0).astype(np.uint8)
+    p_stray = p_causal.copy()
+    p_stray[1, 3, length - 1] = 7  # past row 3's horizon: must still count
+    p_stray[2, 20, s_cap - 1] = 9  # past S: must not
+    v_codes, v_store = cache(rng, kv_bits, hkv, s_cap, d)
+    rowbits = rand_bits(rng, s_cap)
+    rowbits[length:] = 0
+    ps, vs = np.array([1 / 255], np.float32), np.array([0.02, 0.3], np.float32)
+    for pp in (p_causal, p_stray, p):
+        g = Graph()
+        ins = [g.input("p", np.uint8, pp.shape), g.input("ps", np.float32, [1]),
+               g.input("v_cache", v_store.dtype, v_store.shape),
+               g.input("rowbits", np.int32, [s_cap]), g.input("vs", np.float32, [2]),
+               g.input("length", np.int32, [1])]
+        out_t = g.tensor("out", np.float32, [h, t, d])
+        g.op("TFQAT_ATTN_PV", ins, [out_t], {"kv_bits": kv_bits, "d": d})
+        _, out = run(g.build([out_t]), lib, {"p": pp, "ps": ps, "v_cache": v_store,
+                                             "rowbits": rowbits, "vs": vs,
+                                             "length": np.array([length], np.int32)},
+                     {"isa": isa} if isa else None)
+        np.testing.assert_array_equal(out["out"], ref_attn_pv(pp, ps[0], v_codes, rowbits, vs, length))
+
+
 def test_chain_with_builtin_ops(lib):
     """Adjacent TFQAT ops get one delegate kernel each (their intermediate tensor lives in the
     arena), and builtin ops around them keep running in the stock runtime."""

@@ -1,5 +1,6 @@
 // TFQAT_ATTN_QK and TFQAT_ATTN_PV over an int8 / packed-int4 KV cache (contract:
 // tflite_ops/OPS.md). Scratch is sized in Prepare so Invoke never allocates.
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -45,6 +46,15 @@ bool read_length(NodeCtx& n, size_t input, int T, int s_cap, int* S) {
   }
   *S = len;
   return true;
+}
+
+// Prefill (T > 1) runs per query head and block of kBlock queries, each only up to its causal
+// horizon: the kernels compute every (t, s) they are given, and half of a square T x S block is
+// masked. Every entry is computed by the same formula either way (bit-identical results).
+constexpr int kBlock = 16;
+
+size_t cache_row_bytes(int kv_bits, int D) {
+  return kv_bits == 4 ? static_cast<size_t>(D + 1) / 2 : static_cast<size_t>(D);
 }
 
 bool configure_attn(const flex::Map& a, int* kv_bits, int* d, std::string* e) {
@@ -96,6 +106,7 @@ class AttnQKOp : public OpKernel {
                      format("[H=%d, T=%d, S_cap=%d]", H_, T_, s_cap_)) != kTfLiteOk) {
       return kTfLiteError;
     }
+    if (T_ > 1) block_.resize(static_cast<size_t>(kBlock) * s_cap_);
     return kTfLiteOk;
   }
 
@@ -103,6 +114,7 @@ class AttnQKOp : public OpKernel {
     int S;
     if (!read_length(n, 4, T_, s_cap_, &S)) return kTfLiteError;
     float* out = static_cast<float*>(n.output(0)->data);
+    if (T_ > 1) return invoke_causal_blocks(n, S, out);
     n.kt->attn_qk(static_cast<const int8_t*>(n.input(0)->data),
                   static_cast<const float*>(n.input(1)->data), H_, T_, D_, n.input(2)->data,
                   kv_bits_, static_cast<const float*>(n.input(3)->data), hkv_, S, s_cap_, out);
@@ -119,7 +131,36 @@ class AttnQKOp : public OpKernel {
   }
 
  private:
+  // Query t of block [t0, t0+tn) sees s < S-T+t+1; the block is computed up to its last query's
+  // horizon S-T+t0+tn into block_ ([tn][horizon]), then copied out with the -inf tail.
+  TfLiteStatus invoke_causal_blocks(NodeCtx& n, int S, float* out) {
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    const int group = H_ / hkv_;
+    const int8_t* q = static_cast<const int8_t*>(n.input(0)->data);
+    const float* qs = static_cast<const float*>(n.input(1)->data);
+    const uint8_t* k = static_cast<const uint8_t*>(n.input(2)->data);
+    const float* ks = static_cast<const float*>(n.input(3)->data);
+    const size_t kv_head = static_cast<size_t>(s_cap_) * cache_row_bytes(kv_bits_, D_);
+    for (int h = 0; h < H_; ++h) {
+      const uint8_t* kg = k + static_cast<size_t>(h / group) * kv_head;
+      for (int t0 = 0; t0 < T_; t0 += kBlock) {
+        const int tn = std::min(kBlock, T_ - t0);
+        const int horizon = S - T_ + t0 + tn;
+        n.kt->attn_qk(q + (static_cast<size_t>(h) * T_ + t0) * D_, qs + t0, 1, tn, D_, kg,
+                      kv_bits_, ks, 1, horizon, s_cap_, block_.data());
+        for (int i = 0; i < tn; ++i) {
+          const int visible = horizon - tn + i + 1;
+          float* o = out + (static_cast<size_t>(h) * T_ + t0 + i) * s_cap_;
+          std::memcpy(o, block_.data() + static_cast<size_t>(i) * horizon, sizeof(float) * visible);
+          for (int s = visible; s < s_cap_; ++s) o[s] = neg_inf;
+        }
+      }
+    }
+    return kTfLiteOk;
+  }
+
   int kv_bits_ = 0, d_attr_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
+  std::vector<float> block_;
 };
 
 // ---- TFQAT_ATTN_PV -------------------------------------------------------------------------
@@ -174,6 +215,7 @@ class AttnPVOp : public OpKernel {
     }
     // The kernel reads rows of S probabilities; compact the [.., S_cap] rows when S < S_cap.
     const uint8_t* p = static_cast<const uint8_t*>(n.input(0)->data);
+    if (T_ > 1) return invoke_blocks(n, S, p);
     if (S != s_cap_) {
       for (int r = 0; r < H_ * T_; ++r) {
         std::memcpy(dense_.data() + static_cast<size_t>(r) * S, p + static_cast<size_t>(r) * s_cap_,
@@ -188,6 +230,42 @@ class AttnPVOp : public OpKernel {
   }
 
  private:
+  // Per query head and block of kBlock queries, over positions up to the block's last nonzero
+  // probability code (a zero code adds nothing to either accumulator: exact for any P; after a
+  // causal softmax that is the block's causal horizon).
+  TfLiteStatus invoke_blocks(NodeCtx& n, int S, const uint8_t* p) {
+    const int group = H_ / hkv_;
+    const float ps = *static_cast<const float*>(n.input(1)->data);
+    const uint8_t* v = static_cast<const uint8_t*>(n.input(2)->data);
+    const float* vs = static_cast<const float*>(n.input(4)->data);
+    float* out = static_cast<float*>(n.output(0)->data);
+    const size_t kv_head = static_cast<size_t>(s_cap_) * cache_row_bytes(kv_bits_, D_);
+    for (int h = 0; h < H_; ++h) {
+      const uint8_t* vg = v + static_cast<size_t>(h / group) * kv_head;
+      for (int t0 = 0; t0 < T_; t0 += kBlock) {
+        const int tn = std::min(kBlock, T_ - t0);
+        const uint8_t* rows = p + (static_cast<size_t>(h) * T_ + t0) * s_cap_;
+        int horizon = 1;
+        for (int i = 0; i < tn; ++i) {
+          const uint8_t* r = rows + static_cast<size_t>(i) * s_cap_;
+          for (int s = S - 1; s >= horizon; --s) {
+            if (r[s]) {
+              horizon = s + 1;
+              break;
+            }
+          }
+        }
+        for (int i = 0; i < tn; ++i) {
+          std::memcpy(dense_.data() + static_cast<size_t>(i) * horizon,
+                      rows + static_cast<size_t>(i) * s_cap_, horizon);
+        }
+        n.kt->attn_pv(dense_.data(), ps, 1, tn, horizon, vg, kv_bits_, rowbits_.data(), vs, 1,
+                      s_cap_, D_, out + (static_cast<size_t>(h) * T_ + t0) * D_);
+      }
+    }
+    return kTfLiteOk;
+  }
+
   int kv_bits_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
   std::vector<uint8_t> dense_, rowbits_;
 };

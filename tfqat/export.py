@@ -975,7 +975,10 @@ def check_export(data: bytes, spec: ModelSpec) -> dict:
         allowed = spec.head_q.n * (1 if spec.head_q is spec.embed_q else 2) + 2
         allowed += 0 if spec.head_q.bias is None else spec.head_q.n
     else:
-        allowed = spec.embed.size + (0 if spec.lm_head is None else spec.lm_head.size)
+        # A tied float table is stored twice: the GATHER table and the head's FULLY_CONNECTED
+        # weights (the converter does not share constant buffers between ops).
+        allowed = spec.embed.size * (2 if spec.lm_head is None else 1)
+        allowed += 0 if spec.lm_head is None else spec.lm_head.size
     allowed += 0 if spec.positions is None else spec.positions.size
     allowed += 2 * cfg.max_positions * cfg.head_dim  # RoPE
     for ls in spec.layers:

@@ -53,3 +53,10 @@ def test_overrides_are_validated():
     assert load_config("tiny", {"train.steps": 7}).train.steps == 7
     with pytest.raises(ConfigError, match="train.stepz: unknown key"):
         load_config("tiny", {"train.stepz": 7})
+
+
+def test_overrides_into_empty_or_scalar_sections(tmp_path):
+    p = write(tmp_path, "train:\n")
+    assert load_config(p, {"train.steps": 5}).train.steps == 5
+    with pytest.raises(ConfigError, match=r"--set model.hidden.x: hidden is a value, not a section"):
+        load_config("tiny", {"model.hidden.x": 1})

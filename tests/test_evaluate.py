@@ -59,3 +59,17 @@ def test_shipped_blimp_has_67_paradigms_and_12_phenomena(tok):
     assert len(pairs) == 134
     r = blimp_accuracy(lambda x, y: np.zeros(x.shape), tok, pairs, progress=False)
     assert len(r["phenomena"]) == 12 and "argument_structure" in r["phenomena"]
+
+
+def test_blimp_buckets_never_exceed_the_model_positions(tok):
+    widths = []
+
+    def fn(x, y):
+        widths.append(x.shape[1])
+        return np.zeros(x.shape)
+
+    sents = ["the cat sat on the mat and the dogs sit on the mats"]  # > 9 tokens
+    n = len(tok.encode(sents[0]))
+    assert n % 8, "the sentence must not fill a whole bucket"
+    sentence_logprobs(fn, tok, sents, max_len=n)  # n is not a multiple of 8
+    assert widths and max(widths) <= n

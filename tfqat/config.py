@@ -254,7 +254,11 @@ def load_config(name_or_path: str | os.PathLike = "tiny", overrides: dict | None
         node = raw
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {part} is a value, not a section; check the key")
         node[leaf] = value
     try:
         return RunConfig.model_validate(raw)

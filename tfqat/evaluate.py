@@ -102,6 +102,8 @@ def sentence_logprobs(logprob_fn: LogprobFn, tokenizer: TextTokenizer, sentences
         idx = order[i:i + batch_size]
         width = max(len(seqs[j]) for j in idx) - 1
         width = -(-width // 8) * 8  # bucket lengths: few traces
+        if max_len is not None:
+            width = min(width, max_len)
         x = np.zeros((batch_size, width), np.int32)
         y = np.zeros((batch_size, width), np.int32)
         m = np.zeros((batch_size, width), np.float64)

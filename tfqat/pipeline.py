@@ -81,6 +81,9 @@ def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]
     from .data import train_dataset
     from .training import lm_loss, save_weights_atomic, seed_everything, train_loop
 
+    if cfg.teacher.source != "train":
+        raise UserError(f"teacher.source {cfg.teacher.source}: importing the teacher is not wired into "
+                        "tfqat.train yet; use tfqat.importers.load_teacher(cfg) from Python")
     stage = cfg.run_dir / "fp"
     fp = fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), cfg.data.seq_len, data.key)
     _claim_stage_dir(stage, fp, "teacher")
@@ -136,6 +139,16 @@ def cached_eval(path: Path, fp: str, evaluate) -> dict:
     return result
 
 
+def _recipe_dict(name) -> dict:
+    """A recipe's content (a YAML recipe can change under the same name)."""
+    from dataclasses import asdict
+
+    from .quant.recipes import get_recipe
+
+    recipe = get_recipe(name)
+    return recipe.to_dict() if hasattr(recipe, "to_dict") else asdict(recipe)
+
+
 def eval_fingerprint(cfg: RunConfig, data, *parts) -> str:
     return fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), config_to_dict(cfg.eval),
                        cfg.data.seq_len, data.key, *parts)
@@ -157,7 +170,8 @@ def ptq_stage(cfg: RunConfig, data, teacher, progress: bool = True) -> list[dict
             student = rtn_student(cfg, data, teacher, name)
             return evaluate_model(logprob_fn(student), data, cfg, progress)
 
-        fp = eval_fingerprint(cfg, data, "rtn", name, cfg.qat.calib_batches, cfg.qat.train.batch_size)
+        fp = eval_fingerprint(cfg, data, "rtn", name, _recipe_dict(name), cfg.qat.calib_batches,
+                              cfg.qat.train.batch_size, cfg.qat.train.seed)
         ev = cached_eval(cfg.run_dir / "rtn" / f"eval_{name}.json", fp, run)
         rows.append(result_row("RTN", name, ev, model_size_bytes(cfg.model, name)["total"]))
     return rows

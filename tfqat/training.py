@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from .cli import UserError
 from .config import TrainConfig
 
 LossFn = Callable[[tf.Tensor, tf.Tensor, bool], tuple[tf.Tensor, dict]]
@@ -185,10 +186,10 @@ def train_loop(
             t_log, done_since_log = time.perf_counter(), 0
         if step % cfg.log_every == 0 or step == steps:
             loss_val = float(loss)
-            if not math.isfinite(loss_val):
-                manager.save(checkpoint_number=step)
+            if not math.isfinite(loss_val):  # keep the last finite checkpoint, not the diverged weights
                 raise FloatingPointError(
-                    f"{desc}: loss became {loss_val} at step {step}; lower train.lr or raise warmup_steps"
+                    f"{desc}: loss became {loss_val} at step {step}; lower this stage's lr or raise its "
+                    f"warmup_steps, and use a new --name (the stage folder {run_dir} holds the old config)"
                 )
             now = time.perf_counter()
             if done_since_log:
@@ -234,8 +235,8 @@ def _local_step(model, loss_fn, optimizer, step_var):
     return step
 
 
-class DistributeError(RuntimeError):
-    """A tf.distribute setup problem (TF_CONFIG, unreachable workers), reported as one line."""
+class DistributeError(UserError):
+    """A tf.distribute setup problem (TF_CONFIG, unreachable workers), reported as one line by the CLIs."""
 
 
 class _NullLog:

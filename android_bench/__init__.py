@@ -11,10 +11,12 @@ run itself), report (report.md / report.json / report.png, Table IV layout).
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
+
+from tfqat.atomic import write_bytes_atomic as atomic_write_bytes  # noqa: F401 (re-exported)
+from tfqat.atomic import write_json_atomic
+from tfqat.atomic import write_text_atomic as atomic_write_text  # noqa: F401 (re-exported)
 
 __all__ = ["BenchError", "DEVICE_DIR", "REPO_ROOT", "SCHEMA", "atomic_write_text", "atomic_write_json"]
 
@@ -36,42 +38,5 @@ class BenchError(Exception):
         self.kind = kind
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text so that readers see the old file or the whole new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_json_atomic(path, obj, indent=2)

@@ -93,7 +93,10 @@ def build_models(config: str, out: Path, oproj: str, recipes: list, head: str = 
     for name, rfn in (("AEQ dynamic int8", "dynamic_wi8_afp32"), ("AEQ dynamic int4", "dynamic_wi4_afp32")):
         p = out / f"aeq_{rfn}.tflite"
         if not p.is_file():
-            from ai_edge_quantizer import quantizer, recipe
+            try:
+                from ai_edge_quantizer import quantizer, recipe
+            except ImportError:
+                raise SystemExit("host_e2e: ai-edge-quantizer is not installed; pip install -e '.[bench]'") from None
 
             qt = quantizer.Quantizer(str(paths["float (XNNPACK)"]))
             qt.load_quantization_recipe(getattr(recipe, rfn)())

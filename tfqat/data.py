@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .atomic import write_bytes_atomic
 from .config import DataConfig
 
 EOS = "<|endoftext|>"
@@ -126,18 +126,6 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(splits)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _corpus_hash(corpus: Corpus, vocab_size: int, lowercase: bool) -> str:
     import tokenizers
 
@@ -212,7 +200,7 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Tok
         tokenizer = TextTokenizer.from_file(tok_path)
     else:
         tokenizer = train_tokenizer([t for _, t in corpus.splits["train"]], vocab_size)
-        _atomic_write_bytes(tok_path, tokenizer.to_str().encode("utf-8"))
+        write_bytes_atomic(tok_path, tokenizer.to_str().encode("utf-8"))
     if tokenizer.vocab_size > vocab_size:
         raise DataError(f"tokenizer has {tokenizer.vocab_size} tokens > model.vocab_size {vocab_size}")
     ids = {}
@@ -231,12 +219,12 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Tok
 
         buf = io.BytesIO()
         np.save(buf, arr)
-        _atomic_write_bytes(path, buf.getvalue())
+        write_bytes_atomic(path, buf.getvalue())
         ids[split] = arr
     manifest = cache / "manifest.json"
     if not manifest.is_file():
         info = {s: {"documents": corpus.names(s), "tokens": int(len(ids[s]))} for s in ids}
-        _atomic_write_bytes(manifest, json.dumps(info, indent=1).encode())
+        write_bytes_atomic(manifest, json.dumps(info, indent=1).encode())
     return TokenizedCorpus(tokenizer, ids, key)
 
 

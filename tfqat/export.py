@@ -76,8 +76,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -85,6 +83,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from .atomic import write_bytes_atomic
 
 FORMAT_VERSION = 1
 TFQAT_OPS = ("TFQAT_QUANTIZE", "TFQAT_SELECT_BITS", "TFQAT_QLINEAR", "TFQAT_ATTN_QK",
@@ -1002,19 +1002,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def export_models(student, teacher=None, out_dir=".", tokenizer_json: Optional[str] = None,
                   rho: Optional[float] = None, oproj: str = "float", extra: Optional[dict] = None,
                   check: bool = True, head: str = "float") -> dict:
@@ -1069,10 +1056,10 @@ def export_models(student, teacher=None, out_dir=".", tokenizer_json: Optional[s
     manifest.update(extra or {})
     manifest["export_s"] = round(time.perf_counter() - t0, 2)
     for key, (name, blob, _) in files.items():
-        _write_atomic(out / name, blob)
+        write_bytes_atomic(out / name, blob)
     if tok_bytes is not None:
-        _write_atomic(out / "tokenizer.json", tok_bytes)
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=1, default=_json_default).encode())
+        write_bytes_atomic(out / "tokenizer.json", tok_bytes)
+    write_bytes_atomic(out / "manifest.json", json.dumps(manifest, indent=1, default=_json_default).encode())
     return {"model": str(out / "model.tflite"),
             "model_float": str(out / "model_float.tflite") if teacher is not None else None,
             "tokenizer": str(out / "tokenizer.json") if tok_bytes is not None else None,

@@ -5,25 +5,12 @@ Every file is written to a temporary name and renamed, so a report on disk is al
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import tempfile
 from pathlib import Path
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # never leave a half-written temporary behind
-        raise
+from .atomic import write_text_atomic
 
 
 def _fmt(v, spec: str) -> str:
@@ -119,6 +106,6 @@ def write_report(run_dir: Path, title: str, rows: list[dict], sections: dict[str
     for head, body in sections.items():
         md += [f"## {head}", "", body, ""]
     md += [f"![loss curves]({curves_name})", "", f"![perplexity]({ppl_name})", ""]
-    _atomic_write_text(run_dir / md_name, "\n".join(md))
-    _atomic_write_text(run_dir / json_name, json.dumps({"title": title, "rows": rows, **extra}, indent=1))
+    write_text_atomic(run_dir / md_name, "\n".join(md))
+    write_text_atomic(run_dir / json_name, json.dumps({"title": title, "rows": rows, **extra}, indent=1))
     return {k: str(run_dir / k) for k in names}

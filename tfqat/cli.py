@@ -25,6 +25,9 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                     help="override a config key, e.g. --set train.steps=100 (repeatable)")
     ap.add_argument("--name", help="run name (folder under runs/); default: the config's name")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--strategy", choices=["default", "mirrored", "multiworker"],
+                    help="tf.distribute strategy for FP and QAT training (sets train.strategy and "
+                         "qat.train.strategy; multiworker reads TF_CONFIG)")
 
 
 def load_cli_config(args: argparse.Namespace) -> RunConfig:
@@ -36,6 +39,8 @@ def load_cli_config(args: argparse.Namespace) -> RunConfig:
         overrides[key.strip()] = yaml.safe_load(value)
     if args.name:
         overrides["name"] = args.name
+    if getattr(args, "strategy", None):
+        overrides["train.strategy"] = overrides["qat.train.strategy"] = args.strategy
     return load_config(args.config, overrides)
 
 

@@ -190,13 +190,24 @@ class TokenizedCorpus:
     key: str  # hash of corpus + tokenizer settings
 
 
-def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> TokenizedCorpus:
-    """Load, split, train (or reuse) the BPE and tokenize every split, cached by content hash."""
+def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True,
+                 tokenizer: TextTokenizer | None = None) -> TokenizedCorpus:
+    """Load, split, train (or reuse) the BPE and tokenize every split, cached by content hash.
+
+    ``tokenizer``: use this one (an imported checkpoint's own) instead of training a BPE; the
+    cache key then hashes the corpus and the tokenizer's JSON, and ``tokenizer.json`` is still
+    written into the cache folder, where export picks it up.
+    """
     corpus = load_corpus(cfg)
     key = _corpus_hash(corpus, vocab_size, cfg.lowercase)
+    if tokenizer is not None:
+        key = "imported-" + hashlib.sha256(f"{key}|{tokenizer.to_str()}".encode("utf-8")).hexdigest()[:16]
     cache = Path(cfg.cache_dir) / f"data-{key}"
     tok_path = cache / "tokenizer.json"
-    if tok_path.is_file():
+    if tokenizer is not None:
+        if not tok_path.is_file():
+            write_bytes_atomic(tok_path, tokenizer.to_str().encode("utf-8"))
+    elif tok_path.is_file():
         tokenizer = TextTokenizer.from_file(tok_path)
     else:
         tokenizer = train_tokenizer([t for _, t in corpus.splits["train"]], vocab_size)

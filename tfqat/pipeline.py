@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from .atomic import write_json_atomic
@@ -47,10 +48,34 @@ def _claim_stage_dir(stage_dir: Path, fp: str, what: str) -> None:
         write_json_atomic(marker, {"fingerprint": fp})
 
 
+_IMPORTED: dict = {}
+
+
+def imported_teacher(cfg: RunConfig):
+    """``(model, tokenizer)`` of an imported teacher (``teacher.source`` gguf / keras_hub), read once
+    per process: the data stage needs its tokenizer and the FP stage its weights."""
+    from .importers import load_teacher_and_tokenizer
+
+    key = (cfg.teacher.source, cfg.teacher.path, cfg.teacher.tokenizer, config_to_dict(cfg.model).__repr__())
+    if key not in _IMPORTED:
+        try:
+            _IMPORTED[key] = load_teacher_and_tokenizer(cfg)
+        except ValueError as e:  # the importers' one-line errors (unsupported type, mismatched config)
+            raise UserError(f"teacher ({cfg.teacher.source}): {e}") from None
+    return _IMPORTED[key]
+
+
 def load_data(cfg: RunConfig, progress: bool = True):
+    """The tokenized corpus; with an imported teacher (and ``teacher.tokenizer``), in its own tokenizer."""
     from .data import prepare_data
 
-    return prepare_data(cfg.data, cfg.model.vocab_size, progress)
+    tokenizer = None
+    if cfg.teacher.source != "train" and cfg.teacher.tokenizer:
+        tokenizer = imported_teacher(cfg)[1]
+        if tokenizer is None:
+            raise UserError(f"teacher {cfg.teacher.path} carries no tokenizer; set teacher.tokenizer: false "
+                            "to train a BPE (its vocabulary must then match the checkpoint's ids)")
+    return prepare_data(cfg.data, cfg.model.vocab_size, progress, tokenizer=tokenizer)
 
 
 def teacher_path(cfg: RunConfig) -> Path:
@@ -73,8 +98,7 @@ def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]
     from .training import lm_loss, save_weights_atomic, seed_everything, train_loop
 
     if cfg.teacher.source != "train":
-        raise UserError(f"teacher.source {cfg.teacher.source}: importing the teacher is not wired into "
-                        "tfqat.train yet; use tfqat.importers.load_teacher(cfg) from Python")
+        return _imported_fp_stage(cfg, data)
     stage = cfg.run_dir / "fp"
     fp = fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), cfg.data.seq_len, data.key)
     _claim_stage_dir(stage, fp, "teacher")
@@ -95,6 +119,35 @@ def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]
               "wall_s": res.wall_s, "resumed_from": res.resumed_from,
               "params": int(sum(int(v.numpy().size) for v in model.weights)),
               "tokens_seen": res.steps * t.batch_size * cfg.data.seq_len}
+    write_json_atomic(result_path, result)
+    return model, {**result, "reused": False}
+
+
+def _imported_fp_stage(cfg: RunConfig, data) -> tuple[object, dict]:
+    """The imported teacher, saved as ``fp/teacher.weights.h5`` like a trained one, so QAT, export
+    and evaluation read it the same way (and a rerun skips the import's dequantization)."""
+    from .importers import resolve_path
+    from .training import save_weights_atomic
+
+    stage = cfg.run_dir / "fp"
+    src = resolve_path(cfg.teacher.path)
+    if not src.exists():
+        raise UserError(f"teacher.path {cfg.teacher.path}: {src} does not exist")
+    stamp = {"source": cfg.teacher.source, "path": str(src.resolve()),
+             "bytes": sum(f.stat().st_size for f in ([src] if src.is_file() else src.rglob("*")) if f.is_file())}
+    fp = fingerprint(config_to_dict(cfg.model), stamp, cfg.data.seq_len, data.key)
+    _claim_stage_dir(stage, fp, "teacher")
+    result_path = stage / "result.json"
+    if teacher_path(cfg).is_file() and result_path.is_file():
+        model = build_fp_model(cfg)
+        model.load_weights(str(teacher_path(cfg)))
+        return model, {**json.loads(result_path.read_text()), "reused": True}
+    t0 = time.perf_counter()
+    model = imported_teacher(cfg)[0]
+    save_weights_atomic(model, teacher_path(cfg))
+    result = {"steps": 0, "final_loss": None, "tokens_per_s": 0.0, "wall_s": time.perf_counter() - t0,
+              "resumed_from": None, "imported": stamp, "tokens_seen": 0,
+              "params": int(sum(int(v.numpy().size) for v in model.weights))}
     write_json_atomic(result_path, result)
     return model, {**result, "reused": False}
 

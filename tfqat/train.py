@@ -71,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         data = pipeline.load_data(cfg, progress)
         t = lap("data", t0)
         teacher, fp_result = pipeline.fp_stage(cfg, data, progress)
-        print(f"FP teacher: {fp_result['steps']} steps, {fp_result['tokens_per_s']:,.0f} tokens/s, "
-              f"{fp_result['wall_s']:.0f} s{' (reused)' if fp_result['reused'] else ''}")
+        if "imported" in fp_result:
+            print(f"FP teacher: imported from {fp_result['imported']['path']} ({fp_result['params']:,} "
+                  f"parameters){' (reused)' if fp_result['reused'] else ''}")
+        else:
+            print(f"FP teacher: {fp_result['steps']} steps, {fp_result['tokens_per_s']:,.0f} tokens/s, "
+                  f"{fp_result['wall_s']:.0f} s{' (reused)' if fp_result['reused'] else ''}")
         t = lap("fp_train", t)
         fp_eval = pipeline.cached_eval(cfg.run_dir / "eval_fp.json", pipeline.eval_fingerprint(cfg, data, "fp"),
                                        lambda: evaluate_model(keras_logprob_fn(teacher), data, cfg, progress))
@@ -119,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         sections["Setup"] = (
             f"config `{cfg.name}`: {cfg.model.arch}, hidden {cfg.model.hidden}, {cfg.model.layers} layers, "
             f"{cfg.model.heads} heads ({cfg.model.num_kv_heads} KV), vocab {cfg.model.vocab_size}; "
-            f"{fp_result['params']:,} parameters. Perplexity on the `{cfg.eval.split}` works "
+            f"{fp_result['params']:,} parameters"
+            + (f", FP teacher imported ({cfg.teacher.source}: {fp_result['imported']['path']})"
+               if "imported" in fp_result else "")
+            + f". Perplexity on the `{cfg.eval.split}` works "
             f"({fp_eval['tokens']:,} tokens, windows of {fp_eval['seq_len']} at stride {fp_eval['stride']}); "
             f"BLiMP over {fp_eval['blimp']['pairs']:,} pairs.")
         sections["BLiMP by phenomenon (FP)"] = "\n".join(

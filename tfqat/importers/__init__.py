@@ -6,7 +6,8 @@
 - :mod:`tfqat.importers.keras_hub`: a local keras-hub LLaMA-family preset directory (read with
   h5py; keras-hub itself is not needed).
 
-``load_teacher(cfg)`` is what the pipeline calls when ``cfg.teacher.source`` is not ``train``.
+``load_teacher_and_tokenizer(cfg)`` is what the pipeline calls when ``cfg.teacher.source`` is not
+``train``.
 """
 
 from __future__ import annotations
@@ -86,29 +87,11 @@ def load_teacher(cfg):
     return load_teacher_and_tokenizer(cfg)[0]
 
 
-def prepare_data_with_tokenizer(data_cfg, tokenizer):
-    """Like :func:`tfqat.data.prepare_data` but with a given (imported) tokenizer; not cached.
+def prepare_data_with_tokenizer(data_cfg, tokenizer, vocab_size: int | None = None, progress: bool = True):
+    """:func:`tfqat.data.prepare_data` with a given (imported) tokenizer, cached by corpus + tokenizer."""
+    from tfqat.data import prepare_data
 
-    Returns a :class:`tfqat.data.TokenizedCorpus` whose ``key`` hashes corpus + tokenizer.
-    """
-    import hashlib
-
-    import numpy as np
-
-    from tfqat.data import TokenizedCorpus, load_corpus
-
-    corpus = load_corpus(data_cfg)
-    h = hashlib.sha256(tokenizer.to_str().encode("utf-8"))
-    ids = {}
-    for split, docs in corpus.splits.items():
-        joined: list[int] = []
-        for seq in tokenizer.encode_batch([t for _, t in docs]):
-            joined.append(tokenizer.eos_id)
-            joined.extend(seq)
-        ids[split] = np.asarray(joined, dtype=np.int32)
-        for name, text in docs:
-            h.update(f"|{split}|{name}|{len(text)}".encode())
-    return TokenizedCorpus(tokenizer, ids, "imported-" + h.hexdigest()[:16])
+    return prepare_data(data_cfg, vocab_size or tokenizer.vocab_size, progress, tokenizer=tokenizer)
 
 
 __all__ = ["load_teacher", "load_teacher_and_tokenizer", "prepare_data_with_tokenizer",

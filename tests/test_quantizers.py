@@ -346,3 +346,50 @@ def test_graph_and_xla_match_eager(jit):
     for e, g in zip(eager, graph):
         np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-6)
     np.testing.assert_array_equal(graph[0].numpy(), eager[0].numpy())
+
+
+def test_mse_scale_matches_numpy_grid_search():
+    """The activation MSE clip against a float64 brute force over the same grid, with outliers."""
+    from tfqat.quant.quantizers import mse_scale
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 33, 24))
+    x[0, 5, 7] = 80.0  # one massive activation, as pretrained LLMs have
+    mask = (rng.random((4, 33, 1)) < 0.6).astype(np.float64) * np.ones_like(x)
+    for qp in (7, 127):
+        got = float(mse_scale(tf.constant(x, tf.float32), tf.constant(mask, tf.float32), qp, candidates=48))
+        amax = np.abs(x * mask).max()
+        best, best_err = None, np.inf
+        for c in np.linspace(1 / 48, 1.0, 48):
+            s = c * amax / qp
+            err = (((np.clip(np.round(x / s), -qp - 1, qp) * s - x) ** 2) * mask).sum()
+            if err < best_err:
+                best, best_err = s, err
+        assert got == pytest.approx(best, rel=1e-5)
+        lsq = 2 * np.abs(x[mask > 0]).mean() / np.sqrt(qp)
+        assert got != pytest.approx(lsq, rel=0.05)
+
+
+def test_calibrate_mse_beats_lsq_on_outliers():
+    """calibrate(act_init="mse") picks scales with lower output error than LSQ's init when the
+    activations carry outliers; the override is gone afterwards."""
+    from tfqat.quant.qat import calibrate, quantize_model, quantizers
+    from tfqat.config import ModelConfig
+    from tfqat.models import build_model
+
+    model = build_model(ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64,
+                                    max_positions=32), name="teacher")
+    x = np.random.default_rng(0).integers(0, 64, (4, 16)).astype(np.int32)
+    model(x)
+    emb = model.weights[0]
+    emb.assign(emb.numpy() * np.where(np.arange(32) == 3, 60.0, 1.0))  # an outlier channel
+    ref = model(x).numpy()
+    errs = {}
+    for init in ("lsq", "mse"):
+        st = quantize_model(model, "w8a8", name=f"s_{init}")
+        calibrate(st, [x], act_init=init)
+        errs[init] = float(np.mean((st(x).numpy() - ref) ** 2))
+        assert all(getattr(q, "calib_override", None) is None for q in quantizers(st).values())
+    assert errs["mse"] < errs["lsq"], errs
+    with pytest.raises(ValueError, match="act_init"):
+        calibrate(st, [x], act_init="max")

@@ -145,6 +145,9 @@ class QATConfig(_Strict):
     train: QATTrainConfig = QATTrainConfig()
     losses: QATLossConfig = QATLossConfig()
     calib_batches: int = Field(4, ge=1)  # training batches that initialise every scale (RTN)
+    # activation scales' initialisation: "lsq" (2 mean|x| / sqrt(Qp), the paper's) or "mse" (least
+    # squared error clip: what a pretrained model with activation outliers needs)
+    act_calibration: Literal["lsq", "mse"] = "lsq"
     ptq_recipes: list[str] = ["w8a8", "w4a8", "w4a4-8", "w4a4"]  # RTN rows of the report
 
     @model_validator(mode="after")

@@ -22,9 +22,15 @@ from .config import RunConfig, config_to_dict
 RUNTIME_KEYS = frozenset({"strategy"})
 
 
+# Keys added after runs existed: left out of fingerprints while at these values (what every earlier
+# run did), so upgrading never invalidates a cached stage.
+NEUTRAL_DEFAULTS = {"act_calibration": "lsq"}
+
+
 def _semantic(obj):
     if isinstance(obj, dict):
-        return {k: _semantic(v) for k, v in obj.items() if k not in RUNTIME_KEYS}
+        return {k: _semantic(v) for k, v in obj.items()
+                if k not in RUNTIME_KEYS and not (k in NEUTRAL_DEFAULTS and v == NEUTRAL_DEFAULTS[k])}
     if isinstance(obj, (list, tuple)):
         return [_semantic(v) for v in obj]
     return obj
@@ -215,7 +221,8 @@ def ptq_stage(cfg: RunConfig, data, teacher, progress: bool = True) -> list[dict
             return evaluate_model(logprob_fn(student), data, cfg, progress)
 
         fp = eval_fingerprint(cfg, data, "rtn", name, _recipe_dict(name), cfg.qat.calib_batches,
-                              cfg.qat.train.batch_size, cfg.qat.train.seed)
+                              cfg.qat.train.batch_size, cfg.qat.train.seed,
+                              *([] if cfg.qat.act_calibration == "lsq" else [cfg.qat.act_calibration]))
         ev = cached_eval(cfg.run_dir / "rtn" / f"eval_{name}.json", fp, run)
         rows.append(result_row("RTN", name, ev, model_size_bytes(cfg.model, name)["total"]))
     return rows

@@ -149,25 +149,38 @@ def _mse_weight_scale(w: tf.Tensor, bits: int, per_channel: bool, grid: int = 40
     return best_s
 
 
-def calibrate(student: keras.Model, batches: Iterable, weight_mse: bool = True) -> None:
+def calibrate(student: keras.Model, batches: Iterable, weight_mse: bool = True, act_init: str = "lsq") -> None:
     """RTN post-training quantization: initialise every scale from data, train nothing.
 
-    Activation scales take their quantizer's own data init (LSQ ``2 mean|x| / sqrt(Qp)``;
-    min-max for probs) over all ``batches`` at once (one forward on their concatenation, with
-    the recipe's token bits); weight scales take the per-channel clip that minimises the
-    squared rounding error (``weight_mse=False``: the LSQ init instead). Re-calibrating
+    Activation scales take their quantizer's own data init (``act_init="lsq"``: LSQ
+    ``2 mean|x| / sqrt(Qp)``, min-max for probs; ``"mse"``: signed scales take the clip with the
+    least squared error, see :func:`~tfqat.quant.quantizers.mse_scale` — what a pretrained
+    model with activation outliers needs) over all ``batches`` at once (one forward on their
+    concatenation, with the recipe's token bits; layer by layer, so each layer calibrates on
+    inputs already quantized upstream); weight scales take the per-channel clip that minimises
+    the squared rounding error (``weight_mse=False``: the LSQ init instead). Re-calibrating
     overwrites earlier scales.
 
     Args:
         batches: iterable of ``inputs`` or ``(inputs, targets)`` int ``(B, T)``.
     """
+    if act_init not in ("lsq", "mse"):
+        raise ValueError(f"calibrate: act_init={act_init!r} is unknown; use 'lsq' or 'mse'")
     xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
     if not xs:
         raise ValueError("calibrate: no batches; pass at least one (inputs, targets) batch")
     x = tf.concat([tf.convert_to_tensor(b, tf.int32) for b in xs], axis=0)
-    for q in quantizers(student).values():
+    qs = quantizers(student).values()
+    for q in qs:
         q.initialized.assign(False)
-    student(x, training=True, token_bits=student.token_bits)  # stores every data init
+        if isinstance(q, ActQuantizer):
+            q.calib_override = act_init
+    try:
+        student(x, training=True, token_bits=student.token_bits)  # stores every data init
+    finally:
+        for q in qs:
+            if isinstance(q, ActQuantizer):
+                q.calib_override = None
     if weight_mse:
         for block in student.blocks:
             for linear in block.linears().values():
@@ -339,7 +352,7 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
         student.load_weights(str(weights))
         return student, {**json.loads(result_path.read_text()), "reused": True}
     t0 = time.perf_counter()
-    calibrate(student, calibration_batches(cfg, data, qat.calib_batches))
+    calibrate(student, calibration_batches(cfg, data, qat.calib_batches), act_init=qat.act_calibration)
     calib_s = time.perf_counter() - t0
     teachers = [teacher]
     for path in qat.losses.extra_teachers:
@@ -367,7 +380,7 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
 def rtn_student(cfg, data, teacher: keras.Model, recipe: RecipeLike) -> keras.Model:
     """Post-training round-to-nearest quantization: quantize, calibrate, no training."""
     student = quantize_model(teacher, recipe, name="rtn")
-    calibrate(student, calibration_batches(cfg, data))
+    calibrate(student, calibration_batches(cfg, data), act_init=cfg.qat.act_calibration)
     return student
 
 

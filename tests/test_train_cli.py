@@ -149,7 +149,7 @@ def test_ablation_grid_rows(tmp_path, capsys):
 
     rows = grid()
     keys = [r.key for r in rows]
-    assert len(keys) == len(set(keys)) == 14
+    assert len(keys) == len(set(keys)) == 16
     cfg = load_config("tiny")
     by_key = {r.key: row_qat_config(cfg, r) for r in rows}
     assert by_key["kd-w4a4"].losses.entropy == 0 and by_key["kd-w4a4"].losses.distribution == 0
@@ -157,6 +157,8 @@ def test_ablation_grid_rows(tmp_path, capsys):
     assert by_key["paper-sign-w4a4-8"].losses.distribution_form == "paper"
     assert resolve_recipe(cfg.model_copy(update={"qat": by_key["rho0.25-w4a4-8"]})).rho == 0.25
     assert resolve_recipe(cfg.model_copy(update={"qat": by_key["full-w4a6"]})).a_bits == 6
+    assert by_key["entropy0.05-w4a4"].losses.entropy == 0.05
+    assert by_key["entropy-ref-w4a4"].losses.entropy_form == "reference"
     assert len({q.train.model_dump_json() for q in by_key.values()}) == 1  # same token budget per row
     with pytest.raises(SystemExit) as e:
         main(["--config", str(write_micro(tmp_path)), "--rows", "nope", "--quiet"])

@@ -541,6 +541,56 @@ def test_attn_prefill_blocks(lib, isa, kv_bits):
         np.testing.assert_array_equal(out["out"], ref_attn_pv(pp, ps[0], v_codes, rowbits, vs, length))
 
 
+@pytest.mark.parametrize("isa", [None] + ALL_ISAS)
+@pytest.mark.parametrize("kv_bits", [4, 8])
+@pytest.mark.parametrize("t", [1, 3, 37])
+def test_attn_q_layout_and_float_probabilities(lib, isa, kv_bits, t):
+    """ATTN_QK q_layout=1 (q as [T, H, D]) and ATTN_PV p_max > 0 (float probabilities quantized
+    by the op: clamp(round_half_even(p / p_scale), 0, p_max)) equal the uint8 / [H, T, D] forms."""
+    rng = np.random.default_rng(60 + kv_bits + t)
+    h, hkv, d, s_cap = 4, 2, 13, 45
+    length = t + 3
+    q = rng.integers(-128, 128, size=(h, t, d)).astype(np.int8)
+    qs = (rng.random(t) * 0.1 + 0.01).astype(np.float32)
+    k_codes, k_store = cache(rng, kv_bits, hkv, s_cap, d)
+    ks = (rng.random(s_cap) * 0.1 + 0.01).astype(np.float32)
+    g = Graph()
+    ins = [g.input("q", np.int8, [t, h, d]), g.input("qs", np.float32, [t]),
+           g.input("k_cache", k_store.dtype, k_store.shape), g.input("ks", np.float32, [s_cap]),
+           g.input("length", np.int32, [1])]
+    out_t = g.tensor("scores", np.float32, [h, t, s_cap])
+    g.op("TFQAT_ATTN_QK", ins, [out_t], {"kv_bits": kv_bits, "d": d, "q_layout": 1})
+    _, out = run(g.build([out_t]), lib, {"q": np.ascontiguousarray(q.transpose(1, 0, 2)), "qs": qs,
+                                         "k_cache": k_store, "ks": ks,
+                                         "length": np.array([length], np.int32)},
+                 {"isa": isa} if isa else None)
+    np.testing.assert_array_equal(out["scores"], ref_attn_qk(q, qs, k_codes, ks, length))
+
+    for p_max, ps in ((255, 1 / 255), (15, 1 / 15), (255, 0.0037)):
+        ps = np.array([ps], np.float32)
+        # a softmax-like P with exact rounding ties (k + 0.5) * ps and values past p_max
+        pf = rng.random((h, t, s_cap)).astype(np.float32) * np.float32(1.1)
+        pf[:, :, :4] = (np.arange(4, dtype=np.float32) + np.float32(0.5)) * ps[0]
+        pf[:, :, 4] = 0.0
+        codes = np.clip(np.round(pf / ps[0]), 0, p_max).astype(np.uint8)
+        v_codes, v_store = cache(rng, kv_bits, hkv, s_cap, d)
+        rowbits = rand_bits(rng, s_cap)
+        rowbits[length:] = 0
+        vs = np.array([0.02, 0.3], np.float32)
+        g = Graph()
+        ins = [g.input("p", np.float32, pf.shape), g.input("ps", np.float32, [1]),
+               g.input("v_cache", v_store.dtype, v_store.shape),
+               g.input("rowbits", np.int32, [s_cap]), g.input("vs", np.float32, [2]),
+               g.input("length", np.int32, [1])]
+        out_t = g.tensor("out", np.float32, [h, t, d])
+        g.op("TFQAT_ATTN_PV", ins, [out_t], {"kv_bits": kv_bits, "d": d, "p_max": p_max})
+        _, out = run(g.build([out_t]), lib, {"p": pf, "ps": ps, "v_cache": v_store,
+                                             "rowbits": rowbits, "vs": vs,
+                                             "length": np.array([length], np.int32)},
+                     {"isa": isa} if isa else None)
+        np.testing.assert_array_equal(out["out"], ref_attn_pv(codes, ps[0], v_codes, rowbits, vs, length))
+
+
 def test_chain_with_builtin_ops(lib):
     """Adjacent TFQAT ops get one delegate kernel each (their intermediate tensor lives in the
     arena), and builtin ops around them keep running in the stock runtime."""
@@ -702,6 +752,23 @@ def test_prepare_rejects_unknown_op_and_attention_shapes(lib):
     g.op("TFQAT_ATTN_QK", ins, [y], {"kv_bits": 8, "d": 8})
     assert_matches(prepare_error(g.build([y]), lib),
                    r"TFQAT_ATTN_QK node 0: H=3 query heads is not a multiple of Hkv=2 kv heads")
+    g = Graph()
+    ins = [g.input("q", np.int8, [3, 2, 8]), g.input("qs", np.float32, [2]),
+           g.input("k", np.int8, [2, 6, 8]), g.input("ks", np.float32, [6]),
+           g.input("len", np.int32, [1])]
+    y = g.tensor("s", np.float32, [2, 3, 6])
+    g.op("TFQAT_ATTN_QK", ins, [y], {"kv_bits": 8, "d": 8, "q_layout": 2})
+    assert_matches(prepare_error(g.build([y]), lib), r"TFQAT_ATTN_QK node 0: .*q_layout must be 0")
+    for p_max, p_type, pattern in ((256, np.float32, r"attr p_max must be in \[0, 255\]"),
+                                   (255, np.uint8, r"input 0 \(probabilities\) must be float32"),
+                                   (0, np.float32, r"input 0 \(p_codes\) must be uint8")):
+        g = Graph()
+        ins = [g.input("p", p_type, [2, 2, 6]), g.input("ps", np.float32, [1]),
+               g.input("v", np.int8, [2, 6, 8]), g.input("rb", np.int32, [6]),
+               g.input("vs", np.float32, [2]), g.input("len", np.int32, [1])]
+        y = g.tensor("o", np.float32, [2, 2, 8])
+        g.op("TFQAT_ATTN_PV", ins, [y], {"kv_bits": 8, "d": 8, "p_max": p_max})
+        assert_matches(prepare_error(g.build([y]), lib), r"TFQAT_ATTN_PV node 0: " + pattern)
 
 
 def test_invoke_rejects_bad_runtime_values(lib):

@@ -216,6 +216,34 @@ def test_recipes_parity(recipe, tmp_path, ops_lib):
     assert np.abs(steps - _keras_logits(student, x)[20:]).max() <= BOUND
 
 
+def test_gpt2_export_parity(tmp_path, ops_lib):
+    """GPT-2 (LayerNorm, learned positions, biases, tanh-GELU, tied embeddings) exports with the
+    same ops and the same parity bound as LLaMA: prefill, decode and the float model."""
+    import tensorflow as tf
+
+    from tfqat.config import ModelConfig
+    from tfqat.export import export_models
+    from tfqat.models import build_model
+    from tfqat.quant.qat import calibrate, quantize_model
+    from tfqat.runtime import LiteModel
+
+    cfg = dict(MICRO, arch="gpt2", kv_heads=None, tie_embeddings=True)
+    tf.random.set_seed(5)
+    teacher = build_model(ModelConfig(**cfg), name="teacher")
+    student = quantize_model(teacher, "w4a4-8")
+    rng = np.random.default_rng(5)
+    calibrate(student, [rng.integers(0, cfg["vocab_size"], (4, 32)).astype(np.int32)])
+    export_models(student, teacher, tmp_path)
+    x = rng.integers(0, cfg["vocab_size"], 37)
+    m = LiteModel(tmp_path / "model.tflite", lib=ops_lib)
+    assert np.abs(m.prefill(x) - _keras_logits(student, x)).max() <= BOUND
+    m.prefill(x[:25])
+    steps = np.stack([m.decode(int(t)) for t in x[25:]])
+    assert np.abs(steps - _keras_logits(student, x, prefill_len=25)[25:]).max() <= BOUND
+    f = LiteModel(tmp_path / "model_float.tflite", lib=ops_lib, allow_float=True)
+    assert np.abs(f.prefill(x) - teacher(x[None].astype(np.int32)).numpy()[0]).max() <= 1e-5
+
+
 @pytest.mark.slow
 def test_greedy_20_prompts_64_tokens(exported):
     """The closing note's check: identical greedy continuations, 64 tokens on 20 prompts."""

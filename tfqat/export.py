@@ -430,11 +430,15 @@ def select_bits_threshold_op(importance, threshold):
     return _composite("TFQAT_SELECT_BITS", select_bits_threshold, mode=1)(importance, threshold)
 
 
-def attn_qk_op(q_codes, q_scales, k_cache, k_scales, length, *, kv_bits: int, d: int):
-    """TFQAT_ATTN_QK: scores [H, T, S_cap], -inf outside the causal valid part."""
+def attn_qk_op(q_codes, q_scales, k_cache, k_scales, length, *, kv_bits: int, d: int,
+               q_layout: int = 0):
+    """TFQAT_ATTN_QK: scores [H, T, S_cap], -inf outside the causal valid part. ``q_layout=1``:
+    q_codes is [T, H, D] (the quantize op's rows as they are; no TRANSPOSE in the graph)."""
     import tensorflow as tf
 
     def attn_qk(q, qs, kc, ks, length):
+        if q_layout == 1:
+            q = tf.transpose(q, [1, 0, 2])  # [H, T, D]
         h, t = tf.shape(q)[0], tf.shape(q)[1]
         k = _tf_unpack_int4(tf, kc, d) if kv_bits == 4 else tf.cast(kc, tf.int32)
         hkv, s_cap = tf.shape(k)[0], tf.shape(k)[1]
@@ -445,15 +449,21 @@ def attn_qk_op(q_codes, q_scales, k_cache, k_scales, length, *, kv_bits: int, d:
         valid = tf.range(s_cap)[None, :] <= pos[:, None]  # [T, S_cap]
         return tf.where(valid[None], scores, tf.constant(-np.inf, tf.float32))
 
-    return _composite("TFQAT_ATTN_QK", attn_qk, kv_bits=kv_bits, d=d)(
+    attrs = {"q_layout": 1} if q_layout == 1 else {}
+    return _composite("TFQAT_ATTN_QK", attn_qk, kv_bits=kv_bits, d=d, **attrs)(
         q_codes, q_scales, k_cache, k_scales, length)
 
 
-def attn_pv_op(p_codes, p_scale, v_cache, v_rowbits, v_scales, length, *, kv_bits: int, d: int):
-    """TFQAT_ATTN_PV: [H, T, D] from uint8 probabilities and the (grouped) V cache."""
+def attn_pv_op(p_codes, p_scale, v_cache, v_rowbits, v_scales, length, *, kv_bits: int, d: int,
+               p_max: int = 0):
+    """TFQAT_ATTN_PV: [H, T, D] from uint8 probabilities and the (grouped) V cache. ``p_max > 0``:
+    p_codes is the float32 softmax output and the op quantizes it, ``clamp(round(p / p_scale),
+    0, p_max)`` (no ROUND / clip / CAST over [H, T, S] in the graph)."""
     import tensorflow as tf
 
     def attn_pv(p, ps, vc, rowbits, vs, length):
+        if p_max:
+            p = tf.clip_by_value(tf.round(p / ps[0]), 0.0, float(p_max))
         h, t, s_cap = tf.shape(p)[0], tf.shape(p)[1], tf.shape(p)[2]
         v = _tf_unpack_int4(tf, vc, d) if kv_bits == 4 else tf.cast(vc, tf.int32)
         hkv = tf.shape(v)[0]
@@ -466,7 +476,8 @@ def attn_pv_op(p_codes, p_scale, v_cache, v_rowbits, v_scales, length, *, kv_bit
         return (tf.cast(acc8, tf.float32) * (ps[0] * vs[0])
                 + tf.cast(acc4, tf.float32) * (ps[0] * vs[1]))
 
-    return _composite("TFQAT_ATTN_PV", attn_pv, kv_bits=kv_bits, d=d)(
+    attrs = {"p_max": p_max} if p_max else {}
+    return _composite("TFQAT_ATTN_PV", attn_pv, kv_bits=kv_bits, d=d, **attrs)(
         p_codes, p_scale, v_cache, v_rowbits, v_scales, length)
 
 
@@ -620,6 +631,7 @@ def build_module(spec: ModelSpec):
             scores = tf.reshape(scores, [H, t, s])
             scores = tf.where(valid[None], scores, -1e9)
             p = tf.nn.softmax(scores, axis=-1)
+            self.last_importance = tf.reduce_sum(p[:, :, 0], axis=0)  # token pruning; unused otherwise
             o = tf.matmul(tf.reshape(p, [Hkv, G * t, s]), vc)  # [Hkv, G*T, D]
             o = tf.reshape(tf.transpose(tf.reshape(o, [H, t, D]), [1, 0, 2]), [t, H * D])
             x = x + self._flin(i, "o", o)
@@ -644,7 +656,7 @@ def build_module(spec: ModelSpec):
                 q, k = self._rope(q, positions), self._rope(k, positions)
             qc, qs = quantize_op(tf.reshape(q, [t, H * D]), b_in("q"), lv["act"]["q"])
             kc, ks = quantize_op(tf.reshape(k, [t, Hkv * D]), b_in("k"), lv["act"]["k"])
-            qc = tf.transpose(tf.reshape(qc, [t, H, D]), [1, 0, 2])  # [H, T, D]
+            qc = tf.reshape(qc, [t, H, D])  # ATTN_QK q_layout=1 reads [T, H, D] as it is
             k_new = _store_rows(tf, tf.transpose(tf.reshape(kc, [t, Hkv, D]), [1, 0, 2]),
                                 _kv_bits(pts["k"]))
             if cache is None:
@@ -656,13 +668,16 @@ def build_module(spec: ModelSpec):
                 length = positions + 1
             scores = attn_qk_op(qc, qs * np.float32(1.0 / math.sqrt(D)),
                                 _as_uint8(tf, k_all, _kv_bits(pts["k"])), ks_all, length,
-                                kv_bits=_kv_bits(pts["k"]), d=D)
+                                kv_bits=_kv_bits(pts["k"]), d=D, q_layout=1)
             p = tf.nn.softmax(scores, axis=-1)  # [H, T, S]
             ps = lv["ps"]
             pmax = float(2 ** pts["probs"].bits - 1)
-            p_codes = tf.clip_by_value(tf.round(p / ps[0]), 0.0, pmax)  # unsigned, one scale
+            # unsigned codes, one scale; ATTN_PV (p_max) quantizes the whole of p itself, only
+            # column 0 is needed here
+            p0_codes = tf.clip_by_value(tf.round(p[:, :, 0] / ps[0]), 0.0, pmax)  # [H, T]
             # importance of token t: attention paid to token 0, summed over heads (Eq. 14)
-            importance = tf.reduce_sum(p_codes[:, :, 0] * ps[0], axis=0)  # [T]
+            importance = tf.reduce_sum(p0_codes * ps[0], axis=0)  # [T]
+            self.last_importance = importance  # read by token pruning (tfqat.agile.prune_export)
             thr = None
             if adaptive:
                 if cache is None:
@@ -686,9 +701,9 @@ def build_module(spec: ModelSpec):
             else:
                 v_all = _dus(cache["v"], v_new, positions[0])
                 vb_all = _dus(cache["vb"], vb, positions[0])
-            o = attn_pv_op(tf.cast(p_codes, tf.uint8), ps, _as_uint8(tf, v_all, _kv_bits(pts["v"])),
+            o = attn_pv_op(p, ps, _as_uint8(tf, v_all, _kv_bits(pts["v"])),
                            vb_all, lv["act"]["v"], length,
-                           kv_bits=_kv_bits(pts["v"]), d=D)  # [H, T, D]
+                           kv_bits=_kv_bits(pts["v"]), d=D, p_max=int(pmax))  # [H, T, D]
             o = tf.reshape(tf.transpose(o, [1, 0, 2]), [t, H * D])
             if "o_float" in lv["lin"]:
                 o = tf.matmul(o, lv["lin"]["o_float"])
@@ -1004,10 +1019,14 @@ def _sha256(data: bytes) -> str:
 
 def export_models(student, teacher=None, out_dir=".", tokenizer_json: Optional[str] = None,
                   rho: Optional[float] = None, oproj: str = "float", extra: Optional[dict] = None,
-                  check: bool = True, head: str = "float") -> dict:
+                  check: bool = True, head: str = "float", prune: Optional[str] = None) -> dict:
     """Convert, check and write ``model.tflite`` (+ ``model_float.tflite`` when ``teacher``),
     ``tokenizer.json`` and ``manifest.json`` into ``out_dir`` (each file atomically, the manifest
     last, so a present manifest means a complete export).
+
+    ``prune``: an Agile-Quant token-pruning schedule (``"progressive:0.25"``, ``"0.1,0.1,0"``)
+    applied in both files' prefill; their signatures then change (``kv_len``, see
+    :mod:`tfqat.agile.prune_export`). A bad schedule raises a one-line :class:`ExportError`.
 
     Returns:
         ``{"model": path, "model_float": path or None, "manifest": path, "manifest_data": dict}``.
@@ -1017,12 +1036,18 @@ def export_models(student, teacher=None, out_dir=".", tokenizer_json: Optional[s
     out = Path(out_dir)
     t0 = time.perf_counter()
     spec = spec_from_model(student, quantized=True, rho=rho, oproj=oproj, head=head)
-    data = convert(spec)
+    ratios = None
+    if prune is not None:
+        from tfqat.agile.prune_export import check_schedule, convert_pruned
+
+        ratios = check_schedule(prune, spec.cfg.layers, error=ExportError)
+    _convert = convert if ratios is None else (lambda s: convert_pruned(s, ratios))
+    data = _convert(spec)
     info = check_export(data, spec) if check else inspect_tflite(data)
     files = {"model": ("model.tflite", data, info)}
     if teacher is not None:
         fspec = spec_from_model(teacher, quantized=False)
-        fdata = convert(fspec)
+        fdata = _convert(fspec)
         finfo = check_export(fdata, fspec) if check else inspect_tflite(fdata)
         files["model_float"] = ("model_float.tflite", fdata, finfo)
     tok_bytes = None
@@ -1053,6 +1078,15 @@ def export_models(student, teacher=None, out_dir=".", tokenizer_json: Optional[s
             "const_bytes": inf["const_bytes"]}
     if tok_bytes is not None:
         manifest["tokenizer"] = {"path": "tokenizer.json", "sha256": _sha256(tok_bytes)}
+    if ratios is not None:
+        manifest["prune"] = {
+            "schedule": prune, "ratios": ratios,
+            "rule": "after block l's residual add, drop the prunable tokens (all but token 0 and the "
+                    "last) with the least attention to token 0 summed over heads; order and RoPE "
+                    "positions kept; drops per layer = floor(cumsum(ratios) * (T - 2)) differences",
+            "signatures": "prefill -> logits [T_L, V], logit_positions, kv_len [L], rows of T_l per layer; "
+                          "decode(token, position, kv_len [L], caches...): row written at kv_len[l]",
+            "runner": "tfqat.agile.prune_export.PrunedLiteModel"}
     manifest.update(extra or {})
     manifest["export_s"] = round(time.perf_counter() - t0, 2)
     for key, (name, blob, _) in files.items():
@@ -1077,7 +1111,7 @@ def _json_default(o):
 
 
 def export_run(cfg, stage_dir, out_dir=None, oproj: str = "float", progress: bool = False,
-               head: str = "float") -> dict:
+               head: str = "float", prune: Optional[str] = None) -> dict:
     """The default job's export stage: the trained student of ``stage_dir`` (runs/<name>/qat-<recipe>)
     and the run's FP teacher -> ``out_dir`` (default runs/<name>/export-<recipe>).
 
@@ -1108,7 +1142,7 @@ def export_run(cfg, stage_dir, out_dir=None, oproj: str = "float", progress: boo
     out = Path(out_dir) if out_dir is not None else cfg.run_dir / f"export-{rname}"
     try:
         return export_models(student, teacher, out, tokenizer_json=str(tok) if tok.is_file() else None,
-                             oproj=oproj, head=head,
+                             oproj=oproj, head=head, prune=prune,
                              extra={"run": cfg.name, "stage_dir": str(stage_dir)})
     except ExportError as e:
         raise UserError(str(e)) from None
@@ -1132,6 +1166,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="embedding and lm_head: float32, exactly as trained (default), or int8 per "
                          "row with dynamic per-token int8 activations for the head (about 4x smaller "
                          "and faster; logits within a stated bound of the exact export)")
+    ap.add_argument("--prune", metavar="SCHEDULE",
+                    help="Agile-Quant token pruning in the prefill: 'progressive:R' or per-layer "
+                         "fractions 'r0,r1,...,0' (see tfqat/agile/prune_export.py; changes the signatures)")
     ap.add_argument("--config", help="config name or YAML (default: the run folder's name)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return ap
@@ -1164,7 +1201,11 @@ def main(argv: Optional[list] = None) -> int:
                                 name=run.name)
         cfg = load_cli_config(ns)
         cfg = cfg.model_copy(update={"runs_dir": str(run.parent)})
-        res = export_run(cfg, stage, args.out, oproj=args.oproj, head=args.head)
+        if args.prune is not None:  # fail fast, one line
+            from tfqat.agile.prune_export import check_schedule
+
+            check_schedule(args.prune, cfg.model.layers, error=UserError)
+        res = export_run(cfg, stage, args.out, oproj=args.oproj, head=args.head, prune=args.prune)
         m = res["manifest_data"]
         for key in ("model", "model_float"):
             if res.get(key):

@@ -45,20 +45,37 @@ int main() {
   const auto tables = variants("attention");
   Rng r(77);
   int cases = 0;
-  for (int i = 0; i < 600; ++i) {
+  // Tiled prefill paths (x86 AVX-512: T >= 4 queries; 4-query / 16-position / 64-d tiles):
+  // T and S around the tile edges (T = 1, 4, 5, 7, 16, 17, 63, 65, 130), odd D across a 64-d
+  // chunk, all-8 / all-4 / mixed v rows. Cases >= 600 take their shape from this list.
+  struct Fixed {
+    int T, S, D;
+  };
+  const Fixed fixed[] = {{1, 1, 1},    {4, 4, 64},    {5, 9, 3},     {7, 7, 65},   {16, 16, 64},
+                         {17, 33, 63}, {63, 63, 127}, {65, 66, 128}, {130, 130, 64}, {130, 257, 97},
+                         {128, 128, 64}, {6, 250, 1},  {9, 17, 66}};
+  const int n_fixed = static_cast<int>(sizeof(fixed) / sizeof(fixed[0]));
+  for (int i = 0; i < 600 + 4 * n_fixed; ++i) {
     const int Hkv = r.uniform(1, 3), H = Hkv * r.uniform(1, 3);
-    const int T = i % 2 ? 1 : r.uniform(1, i % 11 == 0 ? 130 : 12);
-    const int D = i % 4 == 0 ? r.uniform(1, 97) : (r.next() & 1 ? 64 : 32);
-    const int s_cap = r.uniform(1, i % 13 == 0 ? 300 : 70), S = r.uniform(1, s_cap);
-    const int kv_bits = r.next() & 1 ? 4 : 8;
+    int T = i % 2 ? 1 : r.uniform(1, i % 11 == 0 ? 130 : 12);
+    int D = i % 4 == 0 ? r.uniform(1, 97) : (r.next() & 1 ? 64 : 32);
+    int s_cap = r.uniform(1, i % 13 == 0 ? 300 : 70), S = r.uniform(1, s_cap);
+    int kv_bits = r.next() & 1 ? 4 : 8;
+    int rowbits_mode = 0;  // 0 random, 1 all 8, 2 all 4
+    if (i >= 600) {
+      const Fixed& f = fixed[(i - 600) / 4];
+      T = f.T, S = f.S, D = f.D, s_cap = f.S + (i % 2) * 5;
+      kv_bits = (i / 2) % 2 ? 4 : 8;
+      rowbits_mode = i % 3;
+    }
     const bool extreme = i % 9 == 0;
     const Cache k = make_cache(r, Hkv, s_cap, D, kv_bits, extreme), v = make_cache(r, Hkv, s_cap, D, kv_bits, extreme);
     std::vector<int8_t> q(static_cast<size_t>(H) * T * D);
     for (auto& e : q) e = static_cast<int8_t>(extreme ? -128 : r.uniform(-128, 127));
     std::vector<uint8_t> p(static_cast<size_t>(H) * T * S), rowbits(static_cast<size_t>(S));
     for (auto& e : p) e = static_cast<uint8_t>(extreme ? 255 : r.uniform(0, 255));
-    for (auto& e : rowbits) e = r.next() & 1 ? 8 : 4;
-    const bool rowbits_null = i % 3 == 0;
+    for (auto& e : rowbits) e = rowbits_mode == 1 ? 8 : rowbits_mode == 2 ? 4 : (r.next() & 1 ? 8 : 4);
+    const bool rowbits_null = i % 3 == 0 && i < 600 ? true : (i >= 600 && i % 4 == 3);
     std::vector<float> qs(T), ks(S);
     for (auto& e : qs) e = 0.01f + r.unit();
     for (auto& e : ks) e = 0.01f + r.unit();

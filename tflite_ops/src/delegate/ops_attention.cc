@@ -69,18 +69,20 @@ bool configure_attn(const flex::Map& a, int* kv_bits, int* d, std::string* e) {
 class AttnQKOp : public OpKernel {
  public:
   bool configure(const flex::Map& a, std::string* e) override {
-    return configure_attn(a, &kv_bits_, &d_attr_, e);
+    return configure_attn(a, &kv_bits_, &d_attr_, e) &&
+           attr_choice(a, "q_layout", false, 0, {0, 1}, "0 ([H, T, D]) or 1 ([T, H, D])", &q_layout_, e);
   }
 
   TfLiteStatus prepare(NodeCtx& n) override {
     if (expect_count(n, 5, 5, 1) != kTfLiteOk) return kTfLiteError;
     std::string e;
     const TfLiteTensor* q = n.input(0);
-    if (!expect(q, "input 0 (q_codes)", abi::kTfLiteInt8, {-1, -1, -1}, "[H, T, D]", &e)) {
+    if (!expect(q, "input 0 (q_codes)", abi::kTfLiteInt8, {-1, -1, -1},
+                q_layout_ ? "[T, H, D] (q_layout=1)" : "[H, T, D]", &e)) {
       return n.fail(e);
     }
-    H_ = dim(q, 0);
-    T_ = dim(q, 1);
+    H_ = dim(q, q_layout_ ? 1 : 0);
+    T_ = dim(q, q_layout_ ? 0 : 1);
     D_ = dim(q, 2);
     if (D_ != d_attr_) {
       return n.fail(format("input 0 (q_codes) has D=%d but attr d=%d", D_, d_attr_));
@@ -107,7 +109,21 @@ class AttnQKOp : public OpKernel {
       return kTfLiteError;
     }
     if (T_ > 1) block_.resize(static_cast<size_t>(kBlock) * s_cap_);
+    if (q_layout_) q_hd_.resize(static_cast<size_t>(H_) * T_ * D_);
     return kTfLiteOk;
+  }
+
+  // q_layout=1: q [T, H, D] (the quantize op's rows, no TRANSPOSE in the graph) -> [H, T, D].
+  const int8_t* q_heads(NodeCtx& n) {
+    const int8_t* q = static_cast<const int8_t*>(n.input(0)->data);
+    if (!q_layout_) return q;
+    for (int t = 0; t < T_; ++t) {
+      for (int h = 0; h < H_; ++h) {
+        std::memcpy(q_hd_.data() + (static_cast<size_t>(h) * T_ + t) * D_,
+                    q + (static_cast<size_t>(t) * H_ + h) * D_, D_);
+      }
+    }
+    return q_hd_.data();
   }
 
   TfLiteStatus invoke(NodeCtx& n) override {
@@ -115,7 +131,7 @@ class AttnQKOp : public OpKernel {
     if (!read_length(n, 4, T_, s_cap_, &S)) return kTfLiteError;
     float* out = static_cast<float*>(n.output(0)->data);
     if (T_ > 1) return invoke_causal_blocks(n, S, out);
-    n.kt->attn_qk(static_cast<const int8_t*>(n.input(0)->data),
+    n.kt->attn_qk(q_heads(n),
                   static_cast<const float*>(n.input(1)->data), H_, T_, D_, n.input(2)->data,
                   kv_bits_, static_cast<const float*>(n.input(3)->data), hkv_, S, s_cap_, out);
     // The kernel wrote dense rows of S; spread them to the S_cap stride in place, last row
@@ -136,7 +152,7 @@ class AttnQKOp : public OpKernel {
   TfLiteStatus invoke_causal_blocks(NodeCtx& n, int S, float* out) {
     const float neg_inf = -std::numeric_limits<float>::infinity();
     const int group = H_ / hkv_;
-    const int8_t* q = static_cast<const int8_t*>(n.input(0)->data);
+    const int8_t* q = q_heads(n);
     const float* qs = static_cast<const float*>(n.input(1)->data);
     const uint8_t* k = static_cast<const uint8_t*>(n.input(2)->data);
     const float* ks = static_cast<const float*>(n.input(3)->data);
@@ -159,8 +175,9 @@ class AttnQKOp : public OpKernel {
     return kTfLiteOk;
   }
 
-  int kv_bits_ = 0, d_attr_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
+  int kv_bits_ = 0, d_attr_ = 0, q_layout_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
   std::vector<float> block_;
+  std::vector<int8_t> q_hd_;
 };
 
 // ---- TFQAT_ATTN_PV -------------------------------------------------------------------------
@@ -169,7 +186,14 @@ class AttnQKOp : public OpKernel {
 class AttnPVOp : public OpKernel {
  public:
   bool configure(const flex::Map& a, std::string* e) override {
-    return configure_attn(a, &kv_bits_, &D_, e);
+    int64_t pm;
+    if (!configure_attn(a, &kv_bits_, &D_, e) || !attr_int(a, "p_max", false, 0, &pm, e)) return false;
+    if (pm < 0 || pm > 255) {
+      *e = format("attr p_max must be in [0, 255] (0: uint8 codes in), got %lld", static_cast<long long>(pm));
+      return false;
+    }
+    p_max_ = static_cast<int>(pm);
+    return true;
   }
 
   TfLiteStatus prepare(NodeCtx& n) override {
@@ -180,8 +204,9 @@ class AttnPVOp : public OpKernel {
     hkv_ = c.hkv;
     s_cap_ = c.s_cap;
     const TfLiteTensor* p = n.input(0);
-    if (!expect(p, "input 0 (p_codes)", abi::kTfLiteUInt8, {-1, -1, s_cap_},
-                format("[H, T, S_cap=%d]", s_cap_), &e)) {
+    if (!expect(p, p_max_ ? "input 0 (probabilities)" : "input 0 (p_codes)",
+                p_max_ ? abi::kTfLiteFloat32 : abi::kTfLiteUInt8, {-1, -1, s_cap_},
+                format("[H, T, S_cap=%d]%s", s_cap_, p_max_ ? " for p_max > 0" : ""), &e)) {
       return n.fail(e);
     }
     H_ = dim(p, 0);
@@ -202,6 +227,7 @@ class AttnPVOp : public OpKernel {
       return kTfLiteError;
     }
     dense_.resize(static_cast<size_t>(H_) * T_ * s_cap_);
+    if (p_max_) codes_.resize(static_cast<size_t>(H_) * T_ * s_cap_);
     rowbits_.resize(s_cap_);
     return kTfLiteOk;
   }
@@ -214,7 +240,7 @@ class AttnPVOp : public OpKernel {
       return n.fail(format("v_rowbits[%d] = %d; must be 4 or 8", bad, rowbits[bad]));
     }
     // The kernel reads rows of S probabilities; compact the [.., S_cap] rows when S < S_cap.
-    const uint8_t* p = static_cast<const uint8_t*>(n.input(0)->data);
+    const uint8_t* p = p_max_ ? quantize_p(n, S) : static_cast<const uint8_t*>(n.input(0)->data);
     if (T_ > 1) return invoke_blocks(n, S, p);
     if (S != s_cap_) {
       for (int r = 0; r < H_ * T_; ++r) {
@@ -230,6 +256,29 @@ class AttnPVOp : public OpKernel {
   }
 
  private:
+  // p_max > 0: codes = clamp(round_half_even(p / p_scale), 0, p_max) for s < S (the rest of each
+  // row is never read). Clamping first is the same (integer bounds); NaN -> 0. The rounding adds
+  // and subtracts 1.5 * 2^23, exact round-half-even for 0 <= v <= 255 (no libm call per value).
+  const uint8_t* quantize_p(NodeCtx& n, int S) {
+    const float* p = static_cast<const float*>(n.input(0)->data);
+    const float ps = *static_cast<const float*>(n.input(1)->data);
+    const float hi = static_cast<float>(p_max_), magic = 12582912.0f;
+    for (int r = 0; r < H_ * T_; ++r) {
+      const float* src = p + static_cast<size_t>(r) * s_cap_;
+      uint8_t* dst = codes_.data() + static_cast<size_t>(r) * s_cap_;
+      int e = S;  // a zero probability is code 0 (0 / ps is 0 or NaN): skip the causal tail
+      while (e > 0 && src[e - 1] == 0.0f) --e;
+      std::memset(dst + e, 0, S - e);
+      for (int s = 0; s < e; ++s) {
+        float v = src[s] / ps;
+        v = v > 0.0f ? v : 0.0f;  // NaN -> 0
+        v = v < hi ? v : hi;
+        dst[s] = static_cast<uint8_t>(static_cast<int>((v + magic) - magic));  // not folded: no -ffast-math
+      }
+    }
+    return codes_.data();
+  }
+
   // Per query head and block of kBlock queries, over positions up to the block's last nonzero
   // probability code (a zero code adds nothing to either accumulator: exact for any P; after a
   // causal softmax that is the block's causal horizon).
@@ -248,9 +297,14 @@ class AttnPVOp : public OpKernel {
         int horizon = 1;
         for (int i = 0; i < tn; ++i) {
           const uint8_t* r = rows + static_cast<size_t>(i) * s_cap_;
-          for (int s = S - 1; s >= horizon; --s) {
-            if (r[s]) {
-              horizon = s + 1;
+          int s = S;
+          for (uint64_t w; s - 8 >= horizon; s -= 8) {  // trailing zero codes, 8 at a time
+            std::memcpy(&w, r + s - 8, 8);
+            if (w) break;
+          }
+          for (; s > horizon; --s) {
+            if (r[s - 1]) {
+              horizon = s;
               break;
             }
           }
@@ -266,8 +320,8 @@ class AttnPVOp : public OpKernel {
     return kTfLiteOk;
   }
 
-  int kv_bits_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
-  std::vector<uint8_t> dense_, rowbits_;
+  int kv_bits_ = 0, p_max_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
+  std::vector<uint8_t> dense_, codes_, rowbits_;
 };
 
 }  // namespace

@@ -10,6 +10,7 @@
 // Both accumulate exactly in int32 and then run the reference epilogue.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -238,14 +239,26 @@ const int8_t* prepare_x(const int8_t* x, int T, int K, int Kp, uint8_t xor_mask,
 }
 
 constexpr int kGemmMr = 4, kGemmNb = 4;
+constexpr bool kPrefetchPanels = true;  // GEMM: prefetch the next panel (see w4_cols)
 constexpr int kW8Mr = 4, kW8Nb = 4;  // W8 panels are twice the bytes: 2 blocks keep a column in L1
 
 // Tokens [0, T) against panel blocks [jb, jb + NB), MR tokens at a time.
+// pf / pf_bytes: the next panel, prefetched into L2 a slice per token tile while this panel
+// runs from L1 (cold weights cost ~5-7% at T = 128 otherwise: each layer's weights come from L3
+// or DRAM once per call).
 template <int MR, int NB>
 inline void w4_cols(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w, const Panel& pn, int jb, int b0,
-                    int T, const float* xs, const float* ws, const float* bias, int N, float* y) {
+                    int T, const float* xs, const float* ws, const float* bias, int N, float* y,
+                    const uint8_t* pf = nullptr, size_t pf_bytes = 0) {
+  const size_t slice = pf ? (pf_bytes / (T / MR + 1) + 64) & ~size_t(63) : 0;
+  size_t done = 0;
   int t = 0;
-  for (; t + MR <= T; t += MR) w4_run<MR, NB>(xp, corr, Kp, w, pn, jb, t, b0, xs, ws, bias, N, y);
+  for (; t + MR <= T; t += MR) {
+    for (size_t e = std::min(done + slice, pf_bytes); done < e; done += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + done), _MM_HINT_T1);
+    }
+    w4_run<MR, NB>(xp, corr, Kp, w, pn, jb, t, b0, xs, ws, bias, N, y);
+  }
   for (; t < T; ++t) w4_run<1, NB>(xp, corr, Kp, w, pn, jb, t, b0, xs, ws, bias, N, y);
 }
 
@@ -263,7 +276,13 @@ void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T
       continue;
     }
     int jb = 0;
-    for (; jb + kGemmNb <= pn.pb; jb += kGemmNb) w4_cols<kGemmMr, kGemmNb>(xp, corr, Kp, w, pn, jb, b0 + jb, T, xs, ws, bias, N, y);
+    const bool next = (p + 1) * kPb < Nb && pn.pb == kGemmNb && kPrefetchPanels;
+    const Panel nx = panel_of(p + 1, Nb, static_cast<size_t>(Kp) * kNr / 2);
+    const size_t nx_bytes = next ? static_cast<size_t>(Kp / 8) * nx.gstride : 0;
+    for (; jb + kGemmNb <= pn.pb; jb += kGemmNb) {
+      w4_cols<kGemmMr, kGemmNb>(xp, corr, Kp, w, pn, jb, b0 + jb, T, xs, ws, bias, N, y, next ? w + nx.base : nullptr,
+                                nx_bytes);
+    }
     for (; jb < pn.pb; ++jb) w4_cols<kGemmMr, 1>(xp, corr, Kp, w, pn, jb, b0 + jb, T, xs, ws, bias, N, y);
   }
 }
@@ -330,9 +349,17 @@ inline void w8_run(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, i
 
 template <int MR, int NB>
 inline void w8_cols(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, int jb, const int32_t* wcorr, int b0,
-                    int T, const float* xs, const float* ws, const float* bias, int N, float* y) {
+                    int T, const float* xs, const float* ws, const float* bias, int N, float* y,
+                    const int8_t* pf = nullptr, size_t pf_bytes = 0) {  // pf: as in w4_cols
+  const size_t slice = pf ? (pf_bytes / (T / MR + 1) + 64) & ~size_t(63) : 0;
+  size_t done = 0;
   int t = 0;
-  for (; t + MR <= T; t += MR) w8_run<MR, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, xs, ws, bias, N, y);
+  for (; t + MR <= T; t += MR) {
+    for (size_t e = std::min(done + slice, pf_bytes); done < e; done += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + done), _MM_HINT_T1);
+    }
+    w8_run<MR, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, xs, ws, bias, N, y);
+  }
   for (; t < T; ++t) w8_run<1, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, xs, ws, bias, N, y);
 }
 
@@ -351,7 +378,13 @@ void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T
       continue;
     }
     int jb = 0;
-    for (; jb + kW8Nb <= pn.pb; jb += kW8Nb) w8_cols<kW8Mr, kW8Nb>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, xs, ws, bias, N, y);
+    const bool next = (p + 1) * kPb < Nb && pn.pb == kW8Nb && kPrefetchPanels;
+    const Panel nx = panel_of(p + 1, Nb, static_cast<size_t>(Kp) * kNr);
+    const size_t nx_bytes = next ? static_cast<size_t>(Kp / 4) * nx.gstride : 0;
+    for (; jb + kW8Nb <= pn.pb; jb += kW8Nb) {
+      w8_cols<kW8Mr, kW8Nb>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, xs, ws, bias, N, y, next ? w + nx.base : nullptr,
+                            nx_bytes);
+    }
     for (; jb < pn.pb; ++jb) w8_cols<kW8Mr, 1>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, xs, ws, bias, N, y);
   }
 }
@@ -385,8 +418,8 @@ const int8_t* kv_rows(const void* cache, int kv_bits, int g, int S, int s_cap, i
 
 thread_local std::vector<int32_t> tl_ksum;
 
-void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits, const float* ks,
-             int Hkv, int S, int s_cap, float* scores) {
+void attn_qk_rows(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits, const float* ks,
+                  int Hkv, int S, int s_cap, float* scores) {
   const int group = H / Hkv;
   const __m512i ones = _mm512_set1_epi8(1), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   int32_t* ksum = scratch(tl_ksum, static_cast<size_t>(S));
@@ -422,8 +455,8 @@ void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* 
 // PV: rows s, s+1 are interleaved as int16 pairs so one vpmaddwd adds p_s v_s + p_s1 v_s1 for
 // 16 d at once; each row's p goes to the accumulator of its group (the other gets 0).
 // unpack{lo,hi}_epi16 work per 128-bit lane, so the d order is restored at the end.
-void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits, const uint8_t* v_rowbits,
-             const float* vs, int Hkv, int s_cap, int D, float* out) {
+void attn_pv_rows(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits, const uint8_t* v_rowbits,
+                  const float* vs, int Hkv, int s_cap, int D, float* out) {
   const int group = H / Hkv;
   const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i idx1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
@@ -470,6 +503,261 @@ void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int
         }
       }
     }
+  }
+}
+
+// ---- op 4, tiled (T >= kAttnTileMinT: prefill blocks) --------------------------------------
+// Both matmuls run as small GEMMs over a per-call packed copy of the kv head, so each cached
+// row is loaded once per tile of query rows and no horizontal reduction is left in the loop:
+// - QK: K rows packed as blocks of 16 positions x groups of 4 d (one dword per position per
+//   group, the W8 weight layout); q + 128 is the broadcast (unsigned) operand of vpdpbusd, K the
+//   signed one; 128 * sum_d k is taken back per position (as in the row kernel).
+// - PV: V packed as groups of 4 positions x 64 d (dword = v[s..s+3][d], byte-interleaved rows,
+//   d in the in-lane order of unpack{lo,hi}, restored at the store); p is the unsigned
+//   broadcast operand, split per call into the 8-bit group's and the 4-bit group's codes.
+// Same int32 sums and float epilogue as the row kernels (exact).
+constexpr int kAttnTileMinT = 4;
+thread_local std::vector<uint8_t> tl_kpack, tl_qx;
+thread_local std::vector<int32_t> tl_kcorr;
+
+// kr [S][D] int8 -> packed [S/16 blocks][DG][16][4] bytes (zero padded) and kcorr[s] =
+// 128 * sum_d kr[s][d] (padded to a multiple of 16 with 0). Per block of 16 rows and chunk of
+// 64 d: a 16 x 16 dword transpose in registers (dword gathers are ~4x slower on Zen 5).
+void pack_k_blocks(const int8_t* kr, int S, int D, int8_t* kp, int32_t* kcorr) {
+  const int DG = (D + 3) / 4, SB = (S + 15) / 16;
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int sb = 0; sb < SB; ++sb) {
+    int8_t* dst = kp + static_cast<size_t>(sb) * DG * 64;
+    __m512i sum = _mm512_setzero_si512();
+    for (int c = 0; 16 * c < DG; ++c) {
+      const __mmask64 md = tail64(D - 64 * c);
+      __m512i r[16], a[16], b[16];
+      for (int j = 0; j < 16; ++j) {
+        const int s = 16 * sb + j;
+        r[j] = s < S ? _mm512_maskz_loadu_epi8(md, kr + static_cast<size_t>(s) * D + 64 * c) : _mm512_setzero_si512();
+      }
+      for (int j = 0; j < 8; ++j) {
+        a[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+        a[2 * j + 1] = _mm512_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+      }
+      for (int j = 0; j < 4; ++j) {  // b[4j + cc], lane L: rows 4j..4j+3 at dword 4L + cc
+        b[4 * j] = _mm512_unpacklo_epi64(a[4 * j], a[4 * j + 2]);
+        b[4 * j + 1] = _mm512_unpackhi_epi64(a[4 * j], a[4 * j + 2]);
+        b[4 * j + 2] = _mm512_unpacklo_epi64(a[4 * j + 1], a[4 * j + 3]);
+        b[4 * j + 3] = _mm512_unpackhi_epi64(a[4 * j + 1], a[4 * j + 3]);
+      }
+      for (int cc = 0; cc < 4; ++cc) {  // 4 x 4 transpose of 128-bit lanes: dword 4L + cc
+        const __m512i t0l = _mm512_shuffle_i32x4(b[cc], b[4 + cc], 0x44), t0h = _mm512_shuffle_i32x4(b[cc], b[4 + cc], 0xEE);
+        const __m512i t1l = _mm512_shuffle_i32x4(b[8 + cc], b[12 + cc], 0x44);
+        const __m512i t1h = _mm512_shuffle_i32x4(b[8 + cc], b[12 + cc], 0xEE);
+        const __m512i o[4] = {_mm512_shuffle_i32x4(t0l, t1l, 0x88), _mm512_shuffle_i32x4(t0l, t1l, 0xDD),
+                              _mm512_shuffle_i32x4(t0h, t1h, 0x88), _mm512_shuffle_i32x4(t0h, t1h, 0xDD)};
+        for (int L = 0; L < 4; ++L) {
+          const int dg = 16 * c + 4 * L + cc;
+          if (dg >= DG) continue;
+          _mm512_storeu_si512(dst + dg * 64, o[L]);
+          sum = _mm512_dpbusd_epi32(sum, ones, o[L]);
+        }
+      }
+    }
+    _mm512_storeu_si512(kcorr + 16 * sb, _mm512_slli_epi32(sum, 7));  // 128 * sum_d k (0 past S)
+  }
+}
+
+template <int MR, int NB>
+inline void qk_tile(const uint8_t* qx, int DG, const int8_t* kp, const int32_t* kcorr, const float* qs,
+                    const float* ks, int t0, int sb0, int S, float* out) {
+  __m512i acc[MR][NB];
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+  }
+  const int8_t* kb = kp + static_cast<size_t>(sb0) * DG * 64;
+  for (int dg = 0; dg < DG; ++dg) {
+    __m512i kv[NB];
+    for (int j = 0; j < NB; ++j) kv[j] = _mm512_loadu_si512(kb + (static_cast<size_t>(j) * DG + dg) * 64);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i qv = _mm512_set1_epi32(load_i32(reinterpret_cast<const int8_t*>(qx) + (static_cast<size_t>(t0 + m) * DG + dg) * 4));
+      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], qv, kv[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const int s0 = (sb0 + j) * 16;
+    const __mmask16 mk = tail16(S - s0);
+    const __m512i c = _mm512_loadu_si512(kcorr + s0);
+    const __m512 ksv = _mm512_maskz_loadu_ps(mk, ks + s0);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(qs[t0 + m]), ksv);
+      const __m512 r = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][j], c)), sc);
+      _mm512_mask_storeu_ps(out + static_cast<size_t>(t0 + m) * S + s0, mk, r);
+    }
+  }
+}
+
+template <int MR>
+inline void qk_rows(const uint8_t* qx, int DG, const int8_t* kp, const int32_t* kcorr, const float* qs,
+                    const float* ks, int t0, int S, float* out) {
+  const int SB = (S + 15) / 16;
+  int sb = 0;
+  for (; sb + 4 <= SB; sb += 4) qk_tile<MR, 4>(qx, DG, kp, kcorr, qs, ks, t0, sb, S, out);
+  for (; sb < SB; ++sb) qk_tile<MR, 1>(qx, DG, kp, kcorr, qs, ks, t0, sb, S, out);
+}
+
+void attn_qk_tiled(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits,
+                   const float* ks, int Hkv, int S, int s_cap, float* scores) {
+  const int group = H / Hkv, DG = (D + 3) / 4, SB = (S + 15) / 16;
+  int8_t* kp = reinterpret_cast<int8_t*>(scratch(tl_kpack, static_cast<size_t>(SB) * DG * 64));
+  int32_t* kcorr = scratch(tl_kcorr, static_cast<size_t>(SB) * 16);
+  uint8_t* qx = scratch(tl_qx, static_cast<size_t>(T) * DG * 4);
+  for (int g = 0; g < Hkv; ++g) {
+    pack_k_blocks(kv_rows(k, kv_bits, g, S, s_cap, D), S, D, kp, kcorr);
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      // q + 128 (unsigned), rows padded to DG dwords (the padded K entries are 0).
+      for (int t = 0; t < T; ++t) {
+        const int8_t* qr = q + (static_cast<size_t>(h) * T + t) * D;
+        uint8_t* d = qx + static_cast<size_t>(t) * DG * 4;
+        for (int i = 0; i < DG * 4; i += 64) {
+          const __m512i v = _mm512_maskz_loadu_epi8(tail64(D - i), qr + i);
+          _mm512_mask_storeu_epi8(d + i, tail64(DG * 4 - i), _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80))));
+        }
+      }
+      float* out = scores + static_cast<size_t>(h) * T * S;
+      int t = 0;
+      for (; t + 4 <= T; t += 4) qk_rows<4>(qx, DG, kp, kcorr, qs, ks, t, S, out);
+      for (; t < T; ++t) qk_rows<1>(qx, DG, kp, kcorr, qs, ks, t, S, out);
+    }
+  }
+}
+
+void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits, const float* ks,
+             int Hkv, int S, int s_cap, float* scores) {
+  if (T >= kAttnTileMinT) {
+    attn_qk_tiled(q, qs, H, T, D, k, kv_bits, ks, Hkv, S, s_cap, scores);
+  } else {
+    attn_qk_rows(q, qs, H, T, D, k, kv_bits, ks, Hkv, S, s_cap, scores);
+  }
+}
+
+thread_local std::vector<uint8_t> tl_vpack, tl_p8, tl_p4;
+
+// vr [S][D] int8 -> packed [DC chunks of 64 d][S4 groups of 4 s][4 vectors][64 bytes]; vector i
+// of a group holds, in 128-bit lane L, dwords v[s..s+3][16 L + 4 i + c] (c = 0..3).
+void pack_v_groups(const int8_t* vr, int S, int D, int8_t* vp) {
+  const int DC = (D + 63) / 64, S4 = (S + 3) / 4;
+  for (int c = 0; c < DC; ++c) {
+    const __mmask64 md = tail64(D - 64 * c);
+    for (int g = 0; g < S4; ++g) {
+      __m512i r[4];
+      for (int i = 0; i < 4; ++i) {
+        const int s = 4 * g + i;
+        r[i] = s < S ? _mm512_maskz_loadu_epi8(md, vr + static_cast<size_t>(s) * D + 64 * c) : _mm512_setzero_si512();
+      }
+      const __m512i a = _mm512_unpacklo_epi8(r[0], r[1]), b = _mm512_unpackhi_epi8(r[0], r[1]);
+      const __m512i e = _mm512_unpacklo_epi8(r[2], r[3]), f = _mm512_unpackhi_epi8(r[2], r[3]);
+      int8_t* dst = vp + (static_cast<size_t>(c) * S4 + g) * 256;
+      _mm512_storeu_si512(dst, _mm512_unpacklo_epi16(a, e));
+      _mm512_storeu_si512(dst + 64, _mm512_unpackhi_epi16(a, e));
+      _mm512_storeu_si512(dst + 128, _mm512_unpacklo_epi16(b, f));
+      _mm512_storeu_si512(dst + 192, _mm512_unpackhi_epi16(b, f));
+    }
+  }
+}
+
+// MR query rows x one 64-d chunk; acc4 only when the call has 4-bit rows (SPLIT).
+template <int MR, bool SPLIT>
+inline void pv_tile(const uint8_t* p8, const uint8_t* p4, int S4, const int8_t* vc, int t0, int d0, int D,
+                    bool rowbits, __m512 sc8, __m512 sc4, float* out) {
+  __m512i a8[MR][4], a4[MR][4];
+  for (int m = 0; m < MR; ++m) {
+    for (int i = 0; i < 4; ++i) a8[m][i] = a4[m][i] = _mm512_setzero_si512();
+  }
+  const size_t prow = static_cast<size_t>(S4) * 4;
+  for (int g = 0; g < S4; ++g) {
+    __m512i vv[4];
+    for (int i = 0; i < 4; ++i) vv[i] = _mm512_loadu_si512(vc + static_cast<size_t>(g) * 256 + 64 * i);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i b8 = _mm512_set1_epi32(load_i32(reinterpret_cast<const int8_t*>(p8) + (t0 + m) * prow + 4 * g));
+      for (int i = 0; i < 4; ++i) a8[m][i] = _mm512_dpbusd_epi32(a8[m][i], b8, vv[i]);
+      if (SPLIT) {
+        const __m512i b4 = _mm512_set1_epi32(load_i32(reinterpret_cast<const int8_t*>(p4) + (t0 + m) * prow + 4 * g));
+        for (int i = 0; i < 4; ++i) a4[m][i] = _mm512_dpbusd_epi32(a4[m][i], b4, vv[i]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    __m512 r[4];
+    for (int i = 0; i < 4; ++i) {
+      r[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(a8[m][i]), sc8);
+      if (rowbits) r[i] = _mm512_add_ps(r[i], _mm512_mul_ps(_mm512_cvtepi32_ps(a4[m][i]), sc4));
+    }
+    // r[i] lane L holds d = 16 L + 4 i + c: a 4 x 4 transpose of 128-bit lanes restores d order.
+    const __m512 t0l = _mm512_shuffle_f32x4(r[0], r[1], 0x44), t0h = _mm512_shuffle_f32x4(r[0], r[1], 0xEE);
+    const __m512 t1l = _mm512_shuffle_f32x4(r[2], r[3], 0x44), t1h = _mm512_shuffle_f32x4(r[2], r[3], 0xEE);
+    const __m512 o[4] = {_mm512_shuffle_f32x4(t0l, t1l, 0x88), _mm512_shuffle_f32x4(t0l, t1l, 0xDD),
+                         _mm512_shuffle_f32x4(t0h, t1h, 0x88), _mm512_shuffle_f32x4(t0h, t1h, 0xDD)};
+    float* orow = out + static_cast<size_t>(t0 + m) * D + d0;
+    for (int i = 0; i < 4 && d0 + 16 * i < D; ++i) _mm512_mask_storeu_ps(orow + 16 * i, tail16(D - d0 - 16 * i), o[i]);
+  }
+}
+
+template <bool SPLIT>
+void pv_head(const uint8_t* p8, const uint8_t* p4, int T, int S4, const int8_t* vp, int D, bool rowbits,
+             __m512 sc8, __m512 sc4, float* out) {
+  constexpr int kMr = SPLIT ? 2 : 4;
+  for (int c = 0; c < (D + 63) / 64; ++c) {
+    const int8_t* vc = vp + static_cast<size_t>(c) * S4 * 256;
+    int t = 0;
+    for (; t + kMr <= T; t += kMr) pv_tile<kMr, SPLIT>(p8, p4, S4, vc, t, 64 * c, D, rowbits, sc8, sc4, out);
+    for (; t < T; ++t) pv_tile<1, SPLIT>(p8, p4, S4, vc, t, 64 * c, D, rowbits, sc8, sc4, out);
+  }
+}
+
+void attn_pv_tiled(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits, const uint8_t* v_rowbits,
+                   const float* vs, int Hkv, int s_cap, int D, float* out) {
+  const int group = H / Hkv, S4 = (S + 3) / 4, Sp = 4 * S4;
+  const __m512 sc8 = _mm512_set1_ps(ps * vs[0]);
+  const __m512 sc4 = _mm512_set1_ps(v_rowbits ? ps * vs[1] : 0.0f);
+  bool split = false;
+  for (int s = 0; v_rowbits && s < S; ++s) split |= v_rowbits[s] == 4;
+  int8_t* vp = reinterpret_cast<int8_t*>(scratch(tl_vpack, static_cast<size_t>((D + 63) / 64) * S4 * 256));
+  uint8_t* p8 = scratch(tl_p8, static_cast<size_t>(T) * Sp);
+  uint8_t* p4 = scratch(tl_p4, static_cast<size_t>(T) * Sp);
+  for (int g = 0; g < Hkv; ++g) {
+    pack_v_groups(kv_rows(v, kv_bits, g, S, s_cap, D), S, D, vp);
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      // The head's probability rows, padded to Sp with 0 and split by row group.
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* pr = p + (static_cast<size_t>(h) * T + t) * S;
+        uint8_t* d8 = p8 + static_cast<size_t>(t) * Sp;
+        uint8_t* d4 = p4 + static_cast<size_t>(t) * Sp;
+        for (int s = 0; s < Sp; s += 64) {
+          const __mmask64 m = tail64(S - s), mp = tail64(Sp - s);
+          const __m512i pv = _mm512_maskz_loadu_epi8(m, pr + s);
+          if (split) {
+            const __m512i rb = _mm512_maskz_loadu_epi8(m, v_rowbits + s);
+            const __mmask64 is4 = _mm512_cmpeq_epi8_mask(rb, _mm512_set1_epi8(4));
+            _mm512_mask_storeu_epi8(d8 + s, mp, _mm512_maskz_mov_epi8(~is4, pv));
+            _mm512_mask_storeu_epi8(d4 + s, mp, _mm512_maskz_mov_epi8(is4, pv));
+          } else {
+            _mm512_mask_storeu_epi8(d8 + s, mp, pv);
+          }
+        }
+      }
+      float* o = out + static_cast<size_t>(h) * T * D;
+      if (split) {
+        pv_head<true>(p8, p4, T, S4, vp, D, v_rowbits != nullptr, sc8, sc4, o);
+      } else {
+        pv_head<false>(p8, p4, T, S4, vp, D, v_rowbits != nullptr, sc8, sc4, o);
+      }
+    }
+  }
+}
+
+void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits, const uint8_t* v_rowbits,
+             const float* vs, int Hkv, int s_cap, int D, float* out) {
+  if (T >= kAttnTileMinT) {
+    attn_pv_tiled(p, ps, H, T, S, v, kv_bits, v_rowbits, vs, Hkv, s_cap, D, out);
+  } else {
+    attn_pv_rows(p, ps, H, T, S, v, kv_bits, v_rowbits, vs, Hkv, s_cap, D, out);
   }
 }
 

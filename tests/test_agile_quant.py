@@ -121,6 +121,10 @@ def test_pruned_forward_and_perplexity_consistent():
     _, pos, counts = forward_pruned(model, x, prunable, [4, 0])
     dropped = set(range(16)) - set(pos.numpy()[0].tolist())
     assert dropped == set((np.argsort(imp[1:8]) + 1)[:4].tolist()) and counts == [16, 12]
+    _, pos, _ = forward_pruned(model, x, prunable, [4, 0], order="most")  # control: the opposite tokens
+    assert set(range(16)) - set(pos.numpy()[0].tolist()) == set((np.argsort(imp[1:8]) + 1)[-4:].tolist())
+    _, pos, _ = forward_pruned(model, x, prunable, [4, 0], order="random")
+    assert pos.shape[1] == 12 and 0 in pos.numpy()[0]
     from tfqat.evaluate import keras_logprob_fn, perplexity
 
     ref = perplexity(keras_logprob_fn(model), ids, 16, batch_size=4, progress=False)["perplexity"]
@@ -128,3 +132,56 @@ def test_pruned_forward_and_perplexity_consistent():
     assert got["perplexity"] == pytest.approx(ref, rel=1e-5)
     pr = pruned_perplexity(model, ids, 16, [0.5, 0.0], batch_size=4)
     assert pr["tokens"] == got["tokens"] and pr["mean_tokens_per_layer"][1] < 16
+
+
+def _ops_lib():
+    import os
+    from pathlib import Path
+
+    for cand in (os.environ.get("TFQAT_OPS_LIB"), Path(__file__).resolve().parents[1] / "tfqat" / "_lib" / "libtfqat_ops.so",
+                 Path(__file__).resolve().parents[1] / "build" / "delegate-host" / "libtfqat_ops.so"):
+        if cand and Path(cand).is_file():
+            return str(cand)
+    pytest.skip("no libtfqat_ops.so built (pip install -e .)")
+
+
+def test_pruned_export_prefill_and_decode_match_keras(tmp_path):
+    """The exported pruned prefill == forward_pruned (same kept tokens, positions, logits within the
+    export's 1e-4 bound), and decode after it (rows at kv_len, RoPE at the true position) ==
+    the Keras pruned forward of prompt + continuation (only prompt tokens prunable)."""
+    from tfqat.agile.prune_export import PrunedLiteModel
+    from tfqat.config import ModelConfig
+    from tfqat.export import ExportError, export_models
+    from tfqat.quant.qat import calibrate, quantize_model
+
+    lib = _ops_lib()
+    tf.random.set_seed(0)
+    student = quantize_model(build_model(ModelConfig(vocab_size=64, hidden=32, layers=3, heads=4, kv_heads=2,
+                                                     ffn=48, max_positions=64)), "w4a8")
+    rng = np.random.default_rng(0)
+    calibrate(student, [rng.integers(0, 64, (4, 32)).astype(np.int32)])
+    with pytest.raises(ExportError, match="prune schedule") as e:
+        export_models(student, None, tmp_path / "bad", prune="0.6,0.6,0")
+    assert "\n" not in str(e.value)
+    res = export_models(student, None, tmp_path, prune="0.3,0.3")
+    assert res["manifest_data"]["prune"]["ratios"] == [0.3, 0.3, 0.0]
+    ops = res["manifest_data"]["files"]["model"]["signatures"]["prefill"]["ops"]
+    assert ops["TOPK_V2"] == 2 and ops["WHERE"] == 2 and "SORT" not in ops
+    m = PrunedLiteModel(res["model"], lib=lib)
+    x = rng.integers(0, 64, 30).astype(np.int32)
+    drops = drop_counts([0.3, 0.3, 0.0], 28)
+    prunable = np.zeros((1, 30), bool)
+    prunable[0, 1:-1] = True
+    got = m.prefill(x)
+    want, pos, counts = forward_pruned(student, x[None], prunable, drops)
+    assert m.kv_len.tolist() == counts == [30, 22, 14]
+    np.testing.assert_array_equal(m.logit_positions, pos.numpy()[0])
+    assert m.logit_positions[0] == 0 and m.logit_positions[-1] == 29
+    assert np.abs(got - want.numpy()[0]).max() <= 1e-4
+    cont = rng.integers(0, 64, 4).astype(np.int32)
+    steps = np.stack([m.decode(int(t)) for t in cont])
+    prunable = np.zeros((1, 34), bool)
+    prunable[0, 1:29] = True
+    full, _, _ = forward_pruned(student, np.concatenate([x, cont])[None], prunable, drops)
+    assert np.abs(steps - full.numpy()[0][-4:]).max() <= 1e-4
+    assert m.kv_len.tolist() == [34, 26, 18]

@@ -3,7 +3,10 @@
 Rows, on the same model and held-out windows: FP; RTN W4A8 (the pipeline's RTN); Agile-Quant
 W4A8 (TRIP activations, 4-bit log2 probs, GPTQ g128 act-order weights) and the same with group
 RTN weights (ablation); Agile-Quant (and FP) with token pruning for each ``--prune`` schedule;
-EdgeQAT QAT rows when ``<qat-run>/qat-w4a8`` / ``qat-w4a4-8`` hold trained students.
+EdgeQAT QAT rows from ``<qat-run>``: ``--qat-stage`` folders, or by default ``qat-w4a8`` /
+``qat-w4a4-8`` (falling back to the ablation's ``qat-abl-full-w4a8`` / ``qat-abl-full-w4a4-8``).
+Exported prefill: that QAT student and the FP teacher are exported unpruned and with each
+schedule (:mod:`tfqat.agile.prune_export`) and their prefills timed side by side in LiteRT.
 Calibration: ``qat.calib_batches`` training batches (never held-out text). Writes
 ``runs/<name>/ptq/report.md`` and ``report.json``; evaluations are cached there.
 """
@@ -26,9 +29,89 @@ def build_parser():
     ap.add_argument("--prune", action="append", default=None, metavar="SCHEDULE",
                     help="pruning schedule: per-layer fractions '0.2,0.2,0.2,0' of the prunable tokens, or "
                          "'progressive:R' (repeatable; default: progressive:0.25 and progressive:0.5; 'none': no rows)")
-    ap.add_argument("--qat-run", help="run folder holding qat-w4a8 / qat-w4a4-8 (default runs/tiny)")
+    ap.add_argument("--qat-run", help="run folder holding the QAT students (default runs/tiny)")
+    ap.add_argument("--qat-stage", action="append", default=None, metavar="FOLDER",
+                    help="QAT student folder inside --qat-run to add as a row (repeatable; default: for "
+                         "w4a8 and w4a4-8, qat-<recipe> if trained, else the ablation's qat-abl-full-<recipe>)")
     ap.add_argument("--no-ablation", action="store_true", help="skip the group-RTN-weights Agile row")
+    ap.add_argument("--no-prune-control", action="store_true",
+                    help="skip the FP control rows that prune random tokens / the most-attending tokens instead")
+    ap.add_argument("--no-export-timing", action="store_true",
+                    help="skip exporting a QAT student + the FP teacher with each pruning schedule and "
+                         "timing their prefill in LiteRT")
     return ap
+
+
+DEFAULT_PRUNE = ("progressive:0.1", "progressive:0.25", "progressive:0.5")
+
+
+def exported_prefill(cfg, data, teacher, stage, specs, out: Path, progress: bool = False) -> dict:
+    """Export ``stage``'s QAT student and the FP teacher unpruned and with each schedule (cached
+    under ``out/exports``), then time every prefill side by side (LiteRT, 1 thread, medians)."""
+    import json
+
+    from .agile.prune_export import time_exported_prefill
+    from .export import export_models
+    from .quant.qat import load_student
+
+    student = load_student(cfg, stage)
+    w = stage / "student.weights.h5"
+    paths = {}
+    for spec in ["none"] + list(specs):
+        d = out / "exports" / spec.replace(":", "-").replace(",", "_")
+        src = {"stage": str(stage), "weights_mtime": w.stat().st_mtime_ns, "prune": spec,
+               "teacher_params": int(sum(int(v.numpy().size) for v in teacher.weights))}
+        if not ((d / "manifest.json").is_file() and (d / "source.json").is_file()
+                and json.loads((d / "source.json").read_text()) == src):
+            t = time.perf_counter()
+            export_models(student, teacher, d, prune=None if spec == "none" else spec,
+                          extra={"stage_dir": str(stage)})
+            (d / "source.json").write_text(json.dumps(src))
+            if progress:
+                print(f"  exported {stage.name} + FP, prune {spec} ({time.perf_counter() - t:.0f} s)", flush=True)
+        paths[f"{student.recipe.name} {spec}"] = d / "model.tflite"
+        paths[f"fp32 {spec}"] = d / "model_float.tflite"
+    res = time_exported_prefill(paths, cfg.data.seq_len, cfg.model.vocab_size)
+    for k, v in res.items():
+        base = res[k.rsplit(" ", 1)[0] + " none"]["ms"]
+        v["speedup"] = base / v["ms"]
+    return {"stage": str(stage), "seq_len": cfg.data.seq_len, "timings": res}
+
+
+def prune_verdict(rows) -> str:
+    """One sentence: pruning's perplexity effect here vs the reference (LLaMA-7B W4A8 6.16 -> 6.09)."""
+    def ppl(method, prune=None):
+        return next((r["perplexity"] for r in rows if r["method"] == method and r.get("prune") == prune), None)
+    base = ppl("Agile-Quant")
+    pr = [(r["prune"], r["perplexity"]) for r in rows if r["method"] == "Agile-Quant" and r.get("prune")]
+    if base is None or not pr:
+        return ""
+    parts = ", ".join(f"{s}: {v:.2f} ({100 * (v / base - 1):+.1f}%)" for s, v in pr)
+    better = [s for s, v in pr if v < base]
+    return (f"Reference (Agile-Quant, LLaMA-7B W4A8): 6.16 -> 6.09 with pruning (-1.1%). Here Agile-Quant "
+            f"W4A8 {base:.2f} -> {parts}: pruning "
+            + (f"lowers perplexity at {', '.join(better)}." if better else "does not lower perplexity at any schedule."))
+
+
+def _trained(d: Path) -> bool:
+    return (d / "student.weights.h5").is_file() and (d / "recipe.json").is_file()
+
+
+def qat_stages(qat_dir: Path, names=None) -> tuple[list, list]:
+    """``(trained stage folders, missing ones)``: ``names`` (folders in ``qat_dir``) or, by default,
+    for w4a8 and w4a4-8 the main stage ``qat-<recipe>`` else the ablation's ``qat-abl-full-<recipe>``."""
+    if names:
+        dirs = [qat_dir / n for n in names]
+        bad = [str(d) for d in dirs if not _trained(d)]
+        if bad:
+            raise UserError(f"--qat-stage: no trained student (recipe.json + student.weights.h5) at {', '.join(bad)}")
+        return dirs, []
+    found, missing = [], []
+    for r in ("w4a8", "w4a4-8"):
+        cands = [qat_dir / f"qat-{r}", qat_dir / f"qat-abl-full-{r}"]
+        hit = next((d for d in cands if _trained(d)), None)
+        (found.append(hit) if hit else missing.append(" or ".join(str(d) for d in cands)))
+    return found, missing
 
 
 def table(rows):
@@ -103,7 +186,7 @@ def main(argv=None) -> int:
             rows.append(pipeline.result_row("Agile-Quant (ablation)", "w4a8 (TRIP, log2 probs, RTN g128)", e, size))
             print(f"Agile rtn {e['perplexity']:.3f}", flush=True)
 
-        specs = args.prune if args.prune is not None else ["progressive:0.25", "progressive:0.5"]
+        specs = args.prune if args.prune is not None else list(DEFAULT_PRUNE)
         specs = [s for s in specs if s != "none"]
         L, T = cfg.model.layers, cfg.data.seq_len
         base_cost = prefill_cost(cfg.model, [T] * L)
@@ -118,23 +201,43 @@ def main(argv=None) -> int:
             for method, model, recipe, sz in (("Agile-Quant", agile, desc, size), ("FP", teacher, "fp32", params * 4)):
                 key = f"prune_{'agile' if model is agile else 'fp'}_{spec.replace(':', '-').replace(',', '_')}"
                 e = pipeline.cached_eval(out / f"eval_{key}.json", pipeline.eval_fingerprint(cfg, data, fpr, key),
-                                         lambda m=model: pruned_perplexity(m, data.ids[cfg.eval.split], T, ratios, **ev_kw))
+                                         lambda m=model, r=ratios: pruned_perplexity(m, data.ids[cfg.eval.split], T, r, **ev_kw))
                 rows.append({"method": method, "recipe": recipe, "prune": spec, "perplexity": e["perplexity"],
                              "blimp": None, "size_mb": sz / 1e6, "mean_tokens_per_layer": e["mean_tokens_per_layer"],
                              "prefill_flops_ratio": ratio})
                 print(f"{method} prune {spec}: {e['perplexity']:.3f} tokens/layer {e['mean_tokens_per_layer']}", flush=True)
+            for order, label in (() if args.no_prune_control else
+                                 (("random", "FP (control: random tokens pruned)"),
+                                  ("most", "FP (control: most attention to token 0 pruned)"))):
+                key = f"prune_fp_{order}_{spec.replace(':', '-').replace(',', '_')}"
+                e = pipeline.cached_eval(out / f"eval_{key}.json", pipeline.eval_fingerprint(cfg, data, fpr, key),
+                                         lambda o=order, r=ratios: pruned_perplexity(teacher, data.ids[cfg.eval.split], T, r,
+                                                                                     order=o, **ev_kw))
+                rows.append({"method": label, "recipe": "fp32", "prune": spec, "perplexity": e["perplexity"],
+                             "blimp": None, "size_mb": params * 4 / 1e6,
+                             "mean_tokens_per_layer": e["mean_tokens_per_layer"], "prefill_flops_ratio": ratio})
+                print(f"{label} {spec}: {e['perplexity']:.3f}", flush=True)
         extra["prefill"] = speed
 
         qat_dir = Path(args.qat_run) if args.qat_run else Path(cfg.run_dir).parent / "tiny"
-        missing = []
-        for name, label in (("w4a8", "EdgeQAT QAT"), ("w4a4-8", "EdgeQAT QAT (full method)")):
-            d = qat_dir / f"qat-{name}"
-            if (d / "student.weights.h5").is_file() and (d / "recipe.json").is_file():
-                st = load_student(cfg, d)
-                e = ev(f"qat_{name}", lambda st=st: evaluate_model(logprob_fn(st), data, cfg, progress))
-                rows.append(pipeline.result_row(label, name, e, model_size_bytes(cfg.model, st.recipe)["total"]))
-            else:
-                missing.append(str(d))
+        stages, missing = qat_stages(qat_dir, args.qat_stage)
+        for d in stages:
+            st = load_student(cfg, d)
+            e = ev(f"qat_{d.name}", lambda st=st: evaluate_model(logprob_fn(st), data, cfg, progress))
+            label = "EdgeQAT QAT"
+            rows.append(pipeline.result_row(label, f"{st.recipe.name} (`{d.name}`)", e,
+                                            model_size_bytes(cfg.model, st.recipe)["total"]))
+            print(f"{label} {d.name} {e['perplexity']:.3f}", flush=True)
+
+        export_t = None
+        if not args.no_export_timing and stages:
+            want = f"qat-{cfg.qat.recipe}"
+            stage = next((d for d in stages if d.name == want), stages[-1])
+            export_t = exported_prefill(cfg, data, teacher, stage, specs, out, progress)
+            extra["exported_prefill"] = export_t
+            for k, v in export_t["timings"].items():
+                print(f"exported prefill {k}: {v['ms']:.2f} ms ({v['ms_per_token']:.3f} ms/token, "
+                      f"x{v['speedup']:.2f})", flush=True)
 
         x = np.asarray(calib[0])
         before = agile(x).numpy()
@@ -151,9 +254,31 @@ def main(argv=None) -> int:
                         "'tokens per layer' is the mean over evaluation windows; 'prefill FLOPs x' is the "
                         "projection + causal-attention FLOP ratio of a 128-token prefill where every token but "
                         "the first and last is prunable. Keras prefill timings (batch 8): "
-                        + ", ".join(f"{k}: {1000 * v['keras_prefill_s']:.0f} ms" for k, v in speed.items()) + "."),
+                        + ", ".join(f"{k}: {1000 * v['keras_prefill_s']:.0f} ms" for k, v in speed.items()) + ". "
+                        "Control rows (FP) drop the same number of tokens chosen at random, or the tokens "
+                        "paying the *most* attention to token 0, to tell whether the importance rule helps. "
+                        + prune_verdict(rows)),
             "Folding": (f"{n} TRIP points folded into RMSNorm scales / up_proj columns and the next kernels' rows; "
-                        f"max |logit difference| after folding: {extra['fold_check']['max_abs_logit_diff']:.3g}."),
+                        f"max |logit difference| after folding: {extra['fold_check']['max_abs_logit_diff']:.3g} "
+                        "(Keras; the kernels then see per-tensor activation scales and weight rows scaled "
+                        "by 2^k, i.e. 4-bit codes << k in int8). Not yet in the TFLite export: "
+                        "`tfqat.export` reads per-output-row weight scales from weight quantizers, while "
+                        "GPTQ g128 act-order has one scale per (row, group of 128 permuted inputs) "
+                        "(needs a gather of the inputs and one QLINEAR per group, or a grouped kernel), and "
+                        "TFQAT_ATTN_PV takes linear uint8 probabilities, while the log2 probs need "
+                        "2^-c (15 levels over 2^-14..1; a shift-based PV kernel or a float PV)."),
+            "Exported prefill": (
+                "not measured (--no-export-timing, or no QAT student)" if export_t is None else
+                f"`{Path(export_t['stage']).name}` (QAT student) and the FP teacher exported with each "
+                f"schedule (`tfqat.export.export_models(prune=...)`, {out / 'exports'}); one {export_t['seq_len']}-token "
+                "prefill in the stock LiteRT interpreter (TFQAT ops in libtfqat_ops.so, builtins in "
+                "XNNPACK), 1 thread, runs interleaved, median of 20. The Agile-Quant student itself is "
+                "not exportable yet (see Folding), so the speedup pruning buys is measured on these "
+                "two models; pruning is independent of the quantizer.\n\n"
+                "| model | prune | ms per prefill | ms / token | speedup |\n|---|---|---:|---:|---:|\n"
+                + "\n".join(f"| {k.rsplit(' ', 1)[0]} | {k.rsplit(' ', 1)[1]} | {v['ms']:.2f} | "
+                            f"{v['ms_per_token']:.3f} | {v['speedup']:.2f} |"
+                            for k, v in sorted(export_t["timings"].items(), key=lambda kv: kv[0].startswith("fp32")))),
             "QAT rows": ("none missing" if not missing else "left out, no trained student at: " + ", ".join(missing)),
         }
         extra["wall_s"] = round(time.perf_counter() - t0, 1)

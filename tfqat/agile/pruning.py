@@ -76,34 +76,57 @@ def select_keep(importance, prunable, n_drop: int):
     return tf.sort(idx, axis=-1)
 
 
-def forward_pruned(model, tokens, prunable, drops: list[int]):
-    """``(logits (B, T_f, V), positions (B, T_f), tokens per layer)`` with cascade pruning."""
+ORDERS = ("least", "random", "most")
+
+
+def _order_scores(importance, order: str, layer: int):
+    """What :func:`select_keep` ranks: the importance (``"least"``: the spec, the least attention
+    to token 0 goes), a fixed random score (``"random"``, control) or its negation (``"most"``:
+    the tokens paying the most attention to token 0 go, control)."""
+    if order == "least":
+        return importance
+    if order == "most":
+        return -tf.cast(importance, tf.float32)
+    if order == "random":
+        return tf.random.stateless_uniform(tf.shape(importance), seed=[17, layer])
+    raise ValueError(f"pruning order {order!r}: use one of {ORDERS}")
+
+
+def forward_pruned(model, tokens, prunable, drops: list[int], token_bits=None, order: str = "least"):
+    """``(logits (B, T_f, V), positions (B, T_f), tokens per layer)`` with cascade pruning.
+
+    ``token_bits``: a token-adaptive student's rule (``student.token_bits``); each layer's own
+    bits follow the kept tokens into the next layer (top-k then runs over the shorter sequence,
+    as in the exported prefill). ``order``: see :func:`_order_scores` (controls only)."""
     tokens = tf.convert_to_tensor(tokens, tf.int32)
     prunable = tf.convert_to_tensor(prunable, tf.bool)
     b, t = tokens.shape
     x = model.embed(tokens)
     pos = tf.tile(tf.range(t)[None], [b, 1])
+    bits = None if token_bits is None else tf.fill([b, t], 8)
     counts = []
-    for block, n_drop in zip(model.blocks, drops):
+    for li, (block, n_drop) in enumerate(zip(model.blocks, drops)):
         rope = getattr(block.attn, "rope", None)
         if rope is not None:
             object.__setattr__(block.attn, "rope", _PositionedRope(rope, pos))
         try:
-            x, inner, _ = block(x, training=False)
+            x, inner, bits = block(x, bits=bits, token_bits=token_bits, training=False)
         finally:
             if rope is not None:
                 object.__setattr__(block.attn, "rope", rope)
         counts.append(int(x.shape[1]))
         if n_drop:
-            keep = select_keep(inner["importance"], prunable, n_drop)
+            keep = select_keep(_order_scores(inner["importance"], order, li), prunable, n_drop)
             x = tf.gather(x, keep, batch_dims=1)
             pos = tf.gather(pos, keep, batch_dims=1)
             prunable = tf.gather(prunable, keep, batch_dims=1)
+            if bits is not None:
+                bits = tf.gather(bits, keep, batch_dims=1)
     logits = model.logits(model.final_norm(x))
     return logits, pos, counts
 
 
-def pruned_logprob_rows(model, drops_for, batch_size: int = 32):
+def pruned_logprob_rows(model, drops_for, batch_size: int = 32, order: str = "least"):
     """A traced ``(x, y, prunable, drops) -> logprobs (B, T)`` (0 where pruned)."""
     fns = {}
 
@@ -112,7 +135,7 @@ def pruned_logprob_rows(model, drops_for, batch_size: int = 32):
         if key not in fns:
             @tf.function
             def fn(x, y, prunable):
-                logits, pos, _ = forward_pruned(model, x, prunable, list(drops))
+                logits, pos, _ = forward_pruned(model, x, prunable, list(drops), order=order)
                 yk = tf.gather(y, pos, batch_dims=1)
                 lp = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yk, logits=tf.cast(logits, tf.float32))
                 bidx = tf.tile(tf.range(tf.shape(pos)[0])[:, None], [1, tf.shape(pos)[1]])
@@ -124,7 +147,7 @@ def pruned_logprob_rows(model, drops_for, batch_size: int = 32):
 
 
 def pruned_perplexity(model, ids: np.ndarray, seq_len: int, ratios: list[float], stride: int | None = None,
-                      batch_size: int = 32, max_tokens: int | None = None) -> dict:
+                      batch_size: int = 32, max_tokens: int | None = None, order: str = "least") -> dict:
     """Perplexity on exactly :func:`tfqat.evaluate.perplexity`'s windows and targets, pruning
     only unscored context tokens (never token 0). Also returns the mean tokens per layer."""
     from tfqat.data import eval_windows
@@ -135,7 +158,7 @@ def pruned_perplexity(model, ids: np.ndarray, seq_len: int, ratios: list[float],
     prunable = mask == 0
     prunable[:, 0] = False
     n_pr = prunable.sum(1)
-    run = pruned_logprob_rows(model, None, batch_size)
+    run = pruned_logprob_rows(model, None, batch_size, order)
     total, count = 0.0, 0.0
     layer_tokens = np.zeros(len(model.blocks))
     for n in np.unique(n_pr):
@@ -155,7 +178,7 @@ def pruned_perplexity(model, ids: np.ndarray, seq_len: int, ratios: list[float],
         layer_tokens += len(rows) * (seq_len - cum)
     nll = total / count
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": int(count), "seq_len": seq_len,
-            "stride": stride or max(1, seq_len // 2), "ratios": list(ratios),
+            "stride": stride or max(1, seq_len // 2), "ratios": list(ratios), "order": order,
             "mean_tokens_per_layer": (layer_tokens / len(x)).round(2).tolist()}
 
 

@@ -262,6 +262,9 @@ def test_report_files_are_written_atomically(tmp_path, monkeypatch):
     report.write_report(tmp_path, "t", rows, {}, {"FP": [{"step": 1, "loss": 2.0}]}, {})
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert {"report.md", "report.json", "loss_curves.png", "perplexity.png"} <= set(before)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would, not 0600
 
     real_fdopen = os.fdopen
 

@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"L = distill(gamma {lo.gamma:g}, T {lo.temperature:g}) + {lo.entropy:g} * entropy "
                 f"({lo.entropy_form}) + {lo.distribution:g} * distribution ({lo.distribution_form}). "
                 f"RTN rows: the same quantizers calibrated on the same batches, no training "
-                f"(weights: per-channel MSE clip; activations: LSQ init; probs: min-max). Token-adaptive "
+                f"(weights: per-channel MSE clip; activations: "
+                f"{'LSQ init' if cfg.qat.act_calibration == 'lsq' else 'least-squares clip'}; probs: min-max). "
+                f"Token-adaptive "
                 f"rows select the top rho*T tokens over each evaluation window (BLiMP: over the padded "
                 f"batch width). Size: projections at the weight bit width plus float32 scales; "
                 f"embeddings and norms float32; KV cache not counted.")

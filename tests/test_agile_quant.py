@@ -185,3 +185,65 @@ def test_pruned_export_prefill_and_decode_match_keras(tmp_path):
     full, _, _ = forward_pruned(student, np.concatenate([x, cont])[None], prunable, drops)
     assert np.abs(steps - full.numpy()[0][-4:]).max() <= 1e-4
     assert m.kv_len.tolist() == [34, 26, 18]
+
+
+def test_channel_gptq_codes_in_original_order():
+    """group_size None: one scale per output channel of the folded kernel, act-order allowed;
+    float32(codes) * scale == kernel_hat * 2^k exactly."""
+    from tfqat.agile.build import channel_quantize
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(512, 48)) * np.r_[np.ones(44), [8, 8, 16, 30]]
+    w = rng.normal(size=(48, 16)).astype(np.float32) * 0.05
+    f = 2.0 ** rng.integers(0, 4, 48)
+    k_hat, s = channel_quantize(w, x, f, "gptq", 4, act_order=True)
+    folded = k_hat * f.astype(np.float32)[:, None]
+    codes = np.round(folded / s[None, :])
+    np.testing.assert_allclose(folded / s[None, :], codes, atol=1e-5)
+    assert codes.max() <= 7 and codes.min() >= -8
+    np.testing.assert_array_equal(np.round(codes).astype(np.float32) * s[None, :], folded)
+    # GPTQ's error compensation beats per-channel RTN on the same folded grid
+    k_rtn, _ = channel_quantize(w, x, f, "rtn", 4)
+    assert output_error(x, w, k_hat) < output_error(x, w, k_rtn)
+
+
+def test_agile_channel_student_exports_with_parity(tmp_path):
+    """Agile per-channel student (TRIP, per-channel GPTQ, linear 8-bit probs): folding keeps the
+    Keras logits, and the TFLite export (int4 packed QLINEARs, per-tensor activation scales) matches
+    the folded student within the export's 1e-4 bound (tests/test_export.py)."""
+    from tfqat.agile.build import agile_student
+    from tfqat.agile.exportable import export_agile, fold_for_export
+    from tfqat.runtime import LiteModel
+
+    lib = _ops_lib()
+    tf.random.set_seed(0)
+    teacher = build_model(ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64,
+                                      max_positions=64))
+    rng = np.random.default_rng(7)
+    calib = [rng.integers(0, 64, (4, 32)).astype(np.int32)]
+    st = agile_student(teacher, calib, "gptq", group_size=None, log2_probs=False)
+    assert any(q.k.numpy().max() > 0 for b in st.blocks for q in
+               (b.quant_points()[p].quantizer for p in ("attn_in", "mlp_in", "mlp_act")))
+    x = rng.integers(0, 64, (2, 24)).astype(np.int32)
+    before = st(x).numpy()
+    g128 = agile_student(teacher, calib, "rtn")  # the default row stays unexportable
+    with pytest.raises(ValueError, match="per-channel"):
+        fold_for_export(g128)
+    res = export_agile(st, None, tmp_path)
+    assert st.agile_exportable == {"points_folded": 6, "linears": 14}
+    np.testing.assert_allclose(st(x).numpy(), before, atol=1e-5)  # folded == unfolded
+    q = res["manifest_data"]["files"]["model"]
+    assert q["ops"]["TFQAT_QLINEAR"] > 0 and res["manifest_data"]["agile"]["group_size"] is None
+    from pathlib import Path
+
+    from tfqat.export import inspect_tflite
+
+    info = inspect_tflite(Path(res["model"]).read_bytes())
+    assert info["qlinear"] and all(l["attrs"]["w_bits"] == 4 and l["w_type"] == "uint8" for l in info["qlinear"])
+    m = LiteModel(res["model"], lib=lib)
+    tokens = x[0]
+    got = m.prefill(tokens[:20])
+    want = st(tokens[None]).numpy()[0]
+    assert np.abs(got - want[:20]).max() <= 1e-4
+    steps = np.stack([m.decode(int(t)) for t in tokens[20:]])
+    assert np.abs(steps - want[20:]).max() <= 1e-4

@@ -1,5 +1,6 @@
 """tf.distribute: two CPU workers (MultiWorkerMirroredStrategy on 127.0.0.1) == one worker on
-the same global batch, including a resume mid-run; bad TF_CONFIG errors are one line."""
+the same global batch, including a resume mid-run, and the train CLI (FP + QAT) under
+--strategy multiworker; bad TF_CONFIG errors are one line."""
 
 from __future__ import annotations
 
@@ -139,3 +140,54 @@ def test_bad_tf_config(raw, msg, monkeypatch):
     with pytest.raises(DistributeError, match=msg) as e:
         parse_tf_config()
     assert "\n" not in str(e.value)
+
+
+def test_train_cli_two_workers_qat_match_one(tmp_path, procs):
+    """``python -m tfqat.train --strategy multiworker`` on two CPU workers (FP teacher, then QAT
+    w4a8 from it) gives the same teacher and student as one worker on the same global batch; only
+    the chief writes the report."""
+    from test_train_cli import write_micro
+
+    # entropy off: its -log(batch mean) is not a sum over examples, so R replicas each taking
+    # -log of their own slice's mean is a (slightly) different loss; every other term is a mean
+    config = write_micro(tmp_path, qat={"recipe": "w4a8", "ptq_recipes": ["w8a8"],
+                                        "losses": {"entropy": 0.0}})
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    args = [sys.executable, "-m", "tfqat.train", "--config", str(config), "--quiet", "--no-export"]
+    for i in range(2):
+        procs.append(subprocess.Popen(
+            args + ["--name", "mw", "--strategy", "multiworker"], cwd=tmp_path,
+            env=_env({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs.append(subprocess.Popen(args + ["--name", "one"], cwd=tmp_path, env=_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        outs.append(out)
+        assert p.returncode == 0, out[-3000:]
+    assert "the chief evaluates" in outs[1] and "report:" in outs[0] and "report:" in outs[2]
+    import h5py
+
+    def weights(path):
+        with h5py.File(path) as f:
+            out = {}
+            f.visititems(lambda n, o: out.__setitem__(n, np.asarray(o)) if isinstance(o, h5py.Dataset) else None)
+            return out
+
+    runs = tmp_path / "runs"
+    for rel in ("fp/teacher.weights.h5", "qat-w4a8/student.weights.h5"):
+        mw, one = weights(runs / "mw" / rel), weights(runs / "one" / rel)
+        assert mw.keys() == one.keys() and len(mw) > 10, rel
+        for k in one:  # summation order differs (all-reduce): within 1% of each tensor's range
+            if one[k].dtype == bool:  # quantizers' "initialized" flags
+                assert (mw[k] == one[k]).all(), (rel, k)
+                continue
+            tol = 1e-2 * float(np.abs(one[k]).max()) + 1e-6
+            assert np.abs(mw[k] - one[k]).max() <= tol, (rel, k, np.abs(mw[k] - one[k]).max(), tol)
+    mw_rows = json.loads((runs / "mw" / "report.json").read_text())["rows"]
+    one_rows = json.loads((runs / "one" / "report.json").read_text())["rows"]
+    assert [r["method"] for r in mw_rows] == ["FP", "RTN", "QAT (full method)"]
+    for a, b in zip(mw_rows, one_rows):
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-3)

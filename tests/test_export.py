@@ -297,7 +297,7 @@ def test_head_int8_is_smaller_integer_and_close(exported, tmp_path):
     """``head="int8"`` (+ ``oproj="dynamic8"``): int8 embedding / lm_head, no large float constant;
     logits within HEAD_INT8_TOL of Keras and perplexity within 0.5% (measured on this untrained
     micro model, whose logits are nearly flat: 0.06-0.08 of their std, ppl -5e-5)."""
-    from tfqat.export import check_export, expected_ops, export_models, inspect_tflite, spec_from_model
+    from tfqat.export import check_export, expected_ops, export_models, spec_from_model
     from tfqat.runtime import LiteModel
 
     student = exported["student"]

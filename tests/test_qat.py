@@ -20,7 +20,7 @@ from tfqat.quant import ActQuantizer, WeightQuantizer, select_token_bits  # noqa
 from tfqat.quant.qat import (  # noqa: E402
     ACT_SLOTS, calibrate, load_student, model_size_bytes, qat_loss, quantize_model, quantizers,
 )
-from tfqat.quant.recipes import RECIPES, Recipe, RecipeError, get_recipe  # noqa: E402
+from tfqat.quant.recipes import RECIPES, RecipeError, get_recipe  # noqa: E402
 
 CFG = ModelConfig(arch="llama", vocab_size=48, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48,
                   max_positions=24)

@@ -495,8 +495,8 @@ def build_module(spec: ModelSpec):
     from tfqat.models.rope import rope_tables
 
     cfg = spec.cfg
-    H, Hkv, D, C = cfg.heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden
-    G, L, S_cap, V = H // Hkv, cfg.layers, cfg.max_positions, cfg.vocab_size
+    H, Hkv, D = cfg.heads, cfg.num_kv_heads, cfg.head_dim
+    G, L, S_cap = H // Hkv, cfg.layers, cfg.max_positions
     q_spec = spec.quantized
     adaptive = q_spec and spec.rho is not None
 
@@ -821,11 +821,12 @@ def decode_cache_specs(spec: ModelSpec) -> list:
 
 # ---- conversion --------------------------------------------------------------------------------
 
-def convert(spec: ModelSpec) -> bytes:
-    """The .tflite bytes of ``spec`` (SavedModel with two signatures -> TFLite converter)."""
+def convert(spec: ModelSpec, module=None, what: str = "") -> bytes:
+    """The .tflite bytes of ``spec`` (SavedModel with two signatures -> TFLite converter);
+    ``module``: an already built variant of :func:`build_module`'s (e.g. a pruned prefill)."""
     import tensorflow as tf
 
-    module = build_module(spec)
+    module = module if module is not None else build_module(spec)
     with tempfile.TemporaryDirectory(prefix="tfqat-export-") as tmp:
         tf.saved_model.save(module, tmp, signatures={
             "prefill": module.prefill.get_concrete_function(),
@@ -837,7 +838,7 @@ def convert(spec: ModelSpec) -> bytes:
             return converter.convert()
         except Exception as e:  # the converter's messages are pages long
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"TFLite conversion failed: {first}") from e
+            raise ExportError(f"TFLite conversion{what} failed: {first}") from e
 
 
 # ---- flatbuffer inspection and checks ------------------------------------------------------------

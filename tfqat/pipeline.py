@@ -98,6 +98,15 @@ def build_fp_model(cfg: RunConfig):
     return model
 
 
+def is_chief(cfg: RunConfig) -> bool:
+    """True unless this process is a non-chief worker of a multi-worker run: those train, and leave
+    checkpoints, results, evaluations and reports to the chief."""
+    from .training import is_chief as _is_chief, make_strategy
+
+    kinds = {cfg.train.strategy, cfg.qat.train.strategy} - {"default"}
+    return all(_is_chief(make_strategy(k)) for k in kinds)
+
+
 def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]:
     """Train (or reuse) the full-precision teacher. Returns (model, stage result dict)."""
     from .data import train_dataset
@@ -110,16 +119,25 @@ def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]
     _claim_stage_dir(stage, fp, "teacher")
     result_path = stage / "result.json"
     seed_everything(cfg.train.seed)
-    model = build_fp_model(cfg)
     if teacher_path(cfg).is_file() and result_path.is_file():
+        model = build_fp_model(cfg)
         model.load_weights(str(teacher_path(cfg)))
         return model, {**json.loads(result_path.read_text()), "reused": True}
+
+    def build():  # under the strategy's scope (train_loop calls it there)
+        seed_everything(cfg.train.seed)
+        m = build_fp_model(cfg)
+        return m, lm_loss(m)
+
     t = cfg.train
     res = train_loop(
-        stage, model, lm_loss(model),
+        stage, build, None,
         lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
         t, t.steps, t.batch_size * cfg.data.seq_len, desc="FP teacher", progress=progress,
     )
+    model = res.model
+    if not is_chief(cfg):
+        return model, {"steps": res.steps, "reused": False, "chief": False}
     save_weights_atomic(model, teacher_path(cfg))
     result = {"steps": res.steps, "final_loss": res.final_loss, "tokens_per_s": res.tokens_per_s,
               "wall_s": res.wall_s, "resumed_from": res.resumed_from,

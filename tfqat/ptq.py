@@ -5,8 +5,11 @@ W4A8 (TRIP activations, 4-bit log2 probs, GPTQ g128 act-order weights) and the s
 RTN weights (ablation); Agile-Quant (and FP) with token pruning for each ``--prune`` schedule;
 EdgeQAT QAT rows from ``<qat-run>``: ``--qat-stage`` folders, or by default ``qat-w4a8`` /
 ``qat-w4a4-8`` (falling back to the ablation's ``qat-abl-full-w4a8`` / ``qat-abl-full-w4a4-8``).
-Exported prefill: that QAT student and the FP teacher are exported unpruned and with each
-schedule (:mod:`tfqat.agile.prune_export`) and their prefills timed side by side in LiteRT.
+Agile-Quant (exportable): per-output-channel GPTQ in the TRIP-folded domain and the linear unsigned
+8-bit probabilities, folded and exported with :func:`tfqat.agile.exportable.export_agile` (under
+``ptq/exports/agile-channel``), its LiteRT perplexity on the same windows. Exported prefill: that
+QAT student and the FP teacher are exported unpruned and with each schedule
+(:mod:`tfqat.agile.prune_export`) and their prefills timed side by side in LiteRT.
 Calibration: ``qat.calib_batches`` training batches (never held-out text). Writes
 ``runs/<name>/ptq/report.md`` and ``report.json``; evaluations are cached there.
 """
@@ -34,6 +37,10 @@ def build_parser():
                     help="QAT student folder inside --qat-run to add as a row (repeatable; default: for "
                          "w4a8 and w4a4-8, qat-<recipe> if trained, else the ablation's qat-abl-full-<recipe>)")
     ap.add_argument("--no-ablation", action="store_true", help="skip the group-RTN-weights Agile row")
+    ap.add_argument("--no-exportable", action="store_true",
+                    help="skip the exportable Agile row (per-channel GPTQ, linear 8-bit probs) and its TFLite export")
+    ap.add_argument("--no-agile-export", action="store_true",
+                    help="keep the exportable Agile row but skip its TFLite export and the exported perplexity")
     ap.add_argument("--no-prune-control", action="store_true",
                     help="skip the FP control rows that prune random tokens / the most-attending tokens instead")
     ap.add_argument("--no-export-timing", action="store_true",
@@ -78,6 +85,79 @@ def exported_prefill(cfg, data, teacher, stage, specs, out: Path, progress: bool
     return {"stage": str(stage), "seq_len": cfg.data.seq_len, "timings": res}
 
 
+EXPORTABLE = "Agile-Quant (exportable: per-channel GPTQ, linear 8-bit probs)"
+
+
+def exportable_rows(cfg, data, teacher, calib, out: Path, fpr: str, rows: list, ev, export: bool = True,
+                    progress: bool = False) -> dict:
+    """The exportable Agile row (Keras) and, with ``export``, its TFLite export's row (LiteRT
+    perplexity on the same windows, file size). Evaluations and the export are cached in ``out``;
+    the student is built only when one of them is missing."""
+    import json
+
+    import numpy as np
+
+    from . import pipeline
+    from .agile.build import agile_size_bytes, agile_student
+    from .agile.exportable import export_agile
+    from .evaluate import evaluate_model, keras_logprob_fn, perplexity
+
+    info: dict = {}
+    built = {}
+
+    def student():
+        if "st" not in built:
+            t = time.perf_counter()
+            built["st"] = agile_student(teacher, calib, "gptq", group_size=None, log2_probs=False, progress=progress)
+            info["build_s"] = round(time.perf_counter() - t, 1)
+        return built["st"]
+
+    e = ev("agile_gptq_channel_lin8", lambda: evaluate_model(keras_logprob_fn(student()), data, cfg, progress))
+    desc = "w4a8 (TRIP a8 folded, linear 8-bit probs, GPTQ per-channel act-order)"
+    rows.append(pipeline.result_row(EXPORTABLE, desc, e, agile_size_bytes(cfg.model, None)))
+    print(f"Agile exportable {e['perplexity']:.3f}", flush=True)
+    if not export:
+        return info
+    d = out / "exports" / "agile-channel"
+    src = {"fingerprint": pipeline.eval_fingerprint(cfg, data, fpr, "agile_gptq_channel_lin8"), "version": 1}
+    if not ((d / "manifest.json").is_file() and (d / "source.json").is_file()
+            and {k: v for k, v in json.loads((d / "source.json").read_text()).items() if k in src} == src):
+        st = student()
+        x = np.asarray(calib[0])
+        before = st(x).numpy()
+        t = time.perf_counter()
+        export_agile(st, None, d)
+        info["fold_max_abs_logit_diff"] = float(np.abs(st(x).numpy() - before).max())
+        info["export_s"] = round(time.perf_counter() - t, 1)
+        (d / "source.json").write_text(json.dumps({**src, "fold_max_abs_logit_diff": info["fold_max_abs_logit_diff"]}))
+        src = {**src, "fold_max_abs_logit_diff": info["fold_max_abs_logit_diff"]}
+        if progress:
+            print(f"  exported the Agile per-channel student ({info['export_s']:.0f} s)", flush=True)
+    else:
+        src = json.loads((d / "source.json").read_text())
+    info["fold_max_abs_logit_diff"] = src.get("fold_max_abs_logit_diff")
+    info["dir"] = str(d)
+    size = (d / "model.tflite").stat().st_size
+    info["model_bytes"] = size
+    sha = json.loads((d / "manifest.json").read_text())["files"]["model"]["sha256"]
+
+    def lite_ppl():
+        from .runtime import LiteModel
+
+        m = LiteModel(d / "model.tflite")
+        return perplexity(m.logprobs, data.ids[cfg.eval.split], cfg.data.seq_len, cfg.eval.stride,
+                          cfg.eval.batch_size, cfg.eval.max_tokens, progress)
+
+    e = pipeline.cached_eval(out / "eval_agile_channel_tflite.json",
+                             pipeline.eval_fingerprint(cfg, data, fpr, "agile_channel_tflite", src["fingerprint"],
+                                                                sha), lite_ppl)
+    rows.append({"method": EXPORTABLE.replace(")", ", TFLite export)"), "recipe": f"{desc}, `model.tflite`",
+                 "perplexity": e["perplexity"], "blimp": None, "size_mb": size / 1e6})
+    info["tflite_perplexity"] = e["perplexity"]
+    print(f"Agile exportable TFLite {e['perplexity']:.3f} ({size / 1e6:.2f} MB)", flush=True)
+    return info
+
+
 def prune_verdict(rows) -> str:
     """One sentence: pruning's perplexity effect here vs the reference (LLaMA-7B W4A8 6.16 -> 6.09)."""
     def ppl(method, prune=None):
@@ -112,6 +192,22 @@ def qat_stages(qat_dir: Path, names=None) -> tuple[list, list]:
         hit = next((d for d in cands if _trained(d)), None)
         (found.append(hit) if hit else missing.append(" or ".join(str(d) for d in cands)))
     return found, missing
+
+
+def exportable_note(info) -> str:
+    if not info:
+        return "The exportable variant was skipped (--no-exportable)."
+    if "model_bytes" not in info:
+        return ("Exportable variant: GPTQ with one 4-bit scale per output channel of the folded kernel "
+                "(act-order, codes in the original column order) and linear unsigned 8-bit probabilities; "
+                "its export was skipped (--no-agile-export).")
+    return ("Exportable variant (row '" + EXPORTABLE + "'): GPTQ with one 4-bit scale per output channel "
+            "of the folded kernel diag(2^k) W (GPTQ on the folded inputs x / 2^k, same output error; act-order, "
+            "codes in the original column order), linear unsigned 8-bit probabilities; folded "
+            f"(max |logit difference| {info['fold_max_abs_logit_diff']:.3g}) and exported by "
+            f"`tfqat.agile.exportable.export_agile` to `{info['dir']}` ({info['model_bytes'] / 1e6:.2f} MB, "
+            "int4-packed QLINEARs, per-tensor activation scales, o_proj float as in every export); "
+            f"LiteRT perplexity on the same windows {info['tflite_perplexity']:.3f}.")
 
 
 def table(rows):
@@ -185,6 +281,10 @@ def main(argv=None) -> int:
                                                         data, cfg, progress))
             rows.append(pipeline.result_row("Agile-Quant (ablation)", "w4a8 (TRIP, log2 probs, RTN g128)", e, size))
             print(f"Agile rtn {e['perplexity']:.3f}", flush=True)
+
+        if not args.no_exportable:
+            extra["exportable"] = exportable_rows(cfg, data, teacher, calib, out, fpr, rows, ev,
+                                                  export=not args.no_agile_export, progress=progress)
 
         specs = args.prune if args.prune is not None else list(DEFAULT_PRUNE)
         specs = [s for s in specs if s != "none"]
@@ -261,7 +361,9 @@ def main(argv=None) -> int:
             "Folding": (f"{n} TRIP points folded into RMSNorm scales / up_proj columns and the next kernels' rows; "
                         f"max |logit difference| after folding: {extra['fold_check']['max_abs_logit_diff']:.3g} "
                         "(Keras; the kernels then see per-tensor activation scales and weight rows scaled "
-                        "by 2^k, i.e. 4-bit codes << k in int8). Not yet in the TFLite export: "
+                        "by 2^k, i.e. 4-bit codes << k in int8). "
+                        + exportable_note(extra.get("exportable")) +
+                        " The default Agile row is not exportable: "
                         "`tfqat.export` reads per-output-row weight scales from weight quantizers, while "
                         "GPTQ g128 act-order has one scale per (row, group of 128 permuted inputs) "
                         "(needs a gather of the inputs and one QLINEAR per group, or a grouped kernel), and "
@@ -272,9 +374,9 @@ def main(argv=None) -> int:
                 f"`{Path(export_t['stage']).name}` (QAT student) and the FP teacher exported with each "
                 f"schedule (`tfqat.export.export_models(prune=...)`, {out / 'exports'}); one {export_t['seq_len']}-token "
                 "prefill in the stock LiteRT interpreter (TFQAT ops in libtfqat_ops.so, builtins in "
-                "XNNPACK), 1 thread, runs interleaved, median of 20. The Agile-Quant student itself is "
-                "not exportable yet (see Folding), so the speedup pruning buys is measured on these "
-                "two models; pruning is independent of the quantizer.\n\n"
+                "XNNPACK), 1 thread, runs interleaved, median of 20. The default Agile-Quant student "
+                "(g128, log2 probs) is not exportable (see Folding), so the speedup pruning buys is "
+                "measured on these two models; pruning is independent of the quantizer.\n\n"
                 "| model | prune | ms per prefill | ms / token | speedup |\n|---|---|---:|---:|---:|\n"
                 + "\n".join(f"| {k.rsplit(' ', 1)[0]} | {k.rsplit(' ', 1)[1]} | {v['ms']:.2f} | "
                             f"{v['ms_per_token']:.3f} | {v['speedup']:.2f} |"

@@ -68,9 +68,17 @@ def main(argv: list[str] | None = None) -> int:
             times[stage] = round(now - since, 1)
             return now
 
+        chief = pipeline.is_chief(cfg)  # creates the strategy first: before any other TensorFlow work
         data = pipeline.load_data(cfg, progress)
         t = lap("data", t0)
         teacher, fp_result = pipeline.fp_stage(cfg, data, progress)
+        if not chief:  # a non-chief worker trains, and leaves evaluation and reports to the chief
+            if args.stage == "all":
+                from .quant.qat import qat_stage
+
+                qat_stage(cfg, data, teacher, progress=False)
+            print("worker: training done; the chief evaluates and writes the report")
+            return 0
         if "imported" in fp_result:
             print(f"FP teacher: imported from {fp_result['imported']['path']} ({fp_result['params']:,} "
                   f"parameters){' (reused)' if fp_result['reused'] else ''}")

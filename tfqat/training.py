@@ -326,22 +326,30 @@ def check_workers_reachable(tfc: dict, wait_s: float | None = None, connect_time
             listener.close()
 
 
+_STRATEGIES: dict[str, tf.distribute.Strategy] = {}
+
+
 def make_strategy(kind: str = "default", wait_s: float | None = None) -> tf.distribute.Strategy:
     """``default`` (one device), ``mirrored`` (all local GPUs, else the CPU) or ``multiworker``
     (MultiWorkerMirroredStrategy from ``TF_CONFIG``, after checking a peer is reachable).
 
     Create it at program start, before other TensorFlow work (collective ops must be configured
-    before the runtime initialises).
+    before the runtime initialises). One per kind per process: later calls (the FP stage, then
+    QAT) get the same object, as a process can configure its collectives only once.
     """
     if kind == "default":
         return tf.distribute.get_strategy()
+    if kind in _STRATEGIES:
+        return _STRATEGIES[kind]
     if kind == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        _STRATEGIES[kind] = tf.distribute.MirroredStrategy()
+        return _STRATEGIES[kind]
     if kind == "multiworker":
         tfc = parse_tf_config()
         check_workers_reachable(tfc, wait_s)
         try:
-            return tf.distribute.MultiWorkerMirroredStrategy()
+            _STRATEGIES[kind] = tf.distribute.MultiWorkerMirroredStrategy()
+            return _STRATEGIES[kind]
         except (RuntimeError, ValueError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DistributeError(f"cannot create MultiWorkerMirroredStrategy ({msg}); create it at "

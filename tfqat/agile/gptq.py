@@ -57,11 +57,13 @@ def hessian(x: np.ndarray) -> np.ndarray:
 
 
 def gptq(kernel: np.ndarray, h: np.ndarray, bits: int = 4, group_size: int = 128, act_order: bool = True,
-         percdamp: float = 0.01, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+         percdamp: float = 0.01, block: int = 128, return_scales: bool = False):
     """GPTQ of ``kernel [in, out]`` with Hessian ``h (in, in)``.
 
     Returns ``(dequantized kernel [in, out] float32, g_idx (in,))`` where ``g_idx[i]`` is the
-    group of input feature i.
+    group of input feature i; with ``return_scales`` also the float64 scales ``(out, groups)``
+    (``group_size`` 0 / None: one group spanning all inputs, i.e. one scale per output channel,
+    codes in the original column order even with act-order).
     """
     w = np.asarray(kernel, np.float64).T.copy()  # (out, in)
     h = np.asarray(h, np.float64).copy()
@@ -77,6 +79,7 @@ def gptq(kernel: np.ndarray, h: np.ndarray, bits: int = 4, group_size: int = 128
     g = group_size or n
     scale = None
     g_idx_perm = np.arange(n) // g
+    scales = np.zeros((w.shape[0], -(-n // g)))
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         w1 = w[:, i1:i2].copy()
@@ -89,6 +92,7 @@ def gptq(kernel: np.ndarray, h: np.ndarray, bits: int = 4, group_size: int = 128
                 # the group in this lazy block are read from w1, further ones from w
                 grp = np.concatenate([w1[:, i:], w[:, i2:]], axis=1)[:, : min(g, n - col)]
                 scale = group_scale(grp, bits)
+                scales[:, col // g] = scale
             wc = w1[:, i]
             qc = _q(wc, scale, bits)
             q[:, col] = qc
@@ -98,6 +102,8 @@ def gptq(kernel: np.ndarray, h: np.ndarray, bits: int = 4, group_size: int = 128
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     inv = np.argsort(perm)
     g_idx = g_idx_perm[inv]
+    if return_scales:
+        return q[:, inv].T.astype(np.float32), g_idx, scales
     return q[:, inv].T.astype(np.float32), g_idx
 
 

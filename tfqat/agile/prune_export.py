@@ -32,7 +32,6 @@ Signatures of a pruned export (the unpruned export is unchanged):
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -168,22 +167,8 @@ def build_pruned_module(spec, ratios: list[float]):
 
 def convert_pruned(spec, ratios: list[float]) -> bytes:
     """The .tflite bytes of ``spec`` with a pruned prefill (as :func:`tfqat.export.convert`)."""
-    import tensorflow as tf
-
-    ExportError = _export_module(spec).ExportError
-    module = build_pruned_module(spec, ratios)
-    with tempfile.TemporaryDirectory(prefix="tfqat-export-") as tmp:
-        tf.saved_model.save(module, tmp, signatures={
-            "prefill": module.prefill.get_concrete_function(),
-            "decode": module.decode.get_concrete_function()})
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["prefill", "decode"])
-        converter.allow_custom_ops = spec.quantized
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        try:
-            return converter.convert()
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"TFLite conversion (pruned prefill) failed: {first}") from e
+    export = _export_module(spec)
+    return export.convert(spec, build_pruned_module(spec, ratios), " (pruned prefill)")
 
 
 def interpreter(path, lib: str | None = None, num_threads: int = 1):

@@ -347,13 +347,10 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
     _claim_stage_dir(stage, fp, "QAT student")
     result_path, weights = stage / "result.json", stage / "student.weights.h5"
     seed_everything(qat.train.seed)
-    student = quantize_model(teacher, recipe)
     if weights.is_file() and result_path.is_file():
+        student = quantize_model(teacher, recipe)
         student.load_weights(str(weights))
         return student, {**json.loads(result_path.read_text()), "reused": True}
-    t0 = time.perf_counter()
-    calibrate(student, calibration_batches(cfg, data, qat.calib_batches), act_init=qat.act_calibration)
-    calib_s = time.perf_counter() - t0
     teachers = [teacher]
     for path in qat.losses.extra_teachers:
         from tfqat.models import build_model
@@ -361,12 +358,28 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
         extra = build_model(cfg.model, name=f"teacher_{len(teachers)}")
         extra.load_weights(path)
         teachers.append(extra)
+    calib_s = 0.0
+
+    def build():  # under the strategy's scope (train_loop calls it there); teachers stay outside, frozen
+        nonlocal calib_s
+        seed_everything(qat.train.seed)
+        student = quantize_model(teacher, recipe)
+        t0 = time.perf_counter()
+        calibrate(student, calibration_batches(cfg, data, qat.calib_batches), act_init=qat.act_calibration)
+        calib_s = time.perf_counter() - t0
+        return student, qat_loss(student, teachers, qat.losses)
+
     t = qat.train
     res = train_loop(
-        stage, student, qat_loss(student, teachers, qat.losses),
+        stage, build, None,
         lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
         t, t.steps, t.batch_size * cfg.data.seq_len, desc=f"QAT {recipe.name}", progress=progress,
     )
+    student = res.model
+    from tfqat.pipeline import is_chief
+
+    if not is_chief(cfg.model_copy(update={"qat": qat})):
+        return student, {"recipe": recipe.name, "steps": res.steps, "reused": False, "chief": False}
     save_weights_atomic(student, weights)
     write_json_atomic(stage / "recipe.json", recipe.to_dict())
     result = {"recipe": recipe.name, "steps": res.steps, "final_loss": res.final_loss,

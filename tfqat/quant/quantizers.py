@@ -64,6 +64,12 @@ def _code_dtype(bits: int, signed: bool) -> np.dtype:
     return np.dtype(np.int16 if signed else np.uint16)
 
 
+def _replicas() -> float:
+    """Replicas sharing the global batch in the current replica context (1 outside tf.distribute)."""
+    ctx = tf.distribute.get_replica_context()
+    return float(ctx.num_replicas_in_sync) if ctx is not None else 1.0
+
+
 def mse_scale(x: tf.Tensor, mask: tf.Tensor, qp: int, candidates: int = 48,
               max_samples: int = 1 << 18) -> tf.Tensor:
     """The symmetric per-tensor scale ``c * max|x| / qp`` (``c`` on a grid in (0, 1]) with the least
@@ -395,8 +401,10 @@ class ActQuantizer(_LazyInit):
         s_lo = _positive(state[1]) if spec.adaptive else s_hi
         z = _round_ste(state[-1]) if spec.asymmetric else None
         s = tf.where(high, s_hi, s_lo)
-        count_hi = tf.reduce_sum(tf.cast(tf.broadcast_to(high, tf.shape(x)), tf.float32))
-        count_lo = tf.cast(tf.size(x), tf.float32) - count_hi
+        # LSQ's gradient scale counts the whole batch's elements: a replica that sees 1/R of the
+        # global batch multiplies its count by R, so R workers take the one-worker step
+        count_hi = tf.reduce_sum(tf.cast(tf.broadcast_to(high, tf.shape(x)), tf.float32)) * _replicas()
+        count_lo = tf.cast(tf.size(x), tf.float32) * _replicas() - count_hi
         g = tf.where(
             high,
             tf.math.rsqrt(tf.maximum(count_hi, 1.0) * float(self.hi[1])),

@@ -469,6 +469,21 @@ def test_attn_qk(lib, isa, kv_bits, length):
     np.testing.assert_array_equal(out["scores"], ref_attn_qk(q, qs, k_codes, ks, length))
 
 
+def run_attn_pv(lib, isa, p, ps, v_store, rowbits, vs, length, attrs):
+    """One TFQAT_ATTN_PV node on ``p`` ([H, T, S] uint8 codes, or float32 with ``p_max``)."""
+    h, t, _ = p.shape
+    g = Graph()
+    ins = [g.input("p", p.dtype.type, p.shape), g.input("ps", np.float32, [1]),
+           g.input("v_cache", v_store.dtype, v_store.shape),
+           g.input("rowbits", np.int32, [len(rowbits)]), g.input("vs", np.float32, [2]),
+           g.input("length", np.int32, [1])]
+    out_t = g.tensor("out", np.float32, [h, t, attrs["d"]])
+    g.op("TFQAT_ATTN_PV", ins, [out_t], attrs)
+    feeds = {"p": p, "ps": ps, "v_cache": v_store, "rowbits": rowbits, "vs": vs,
+             "length": np.array([length], np.int32)}
+    return run(g.build([out_t]), lib, feeds, {"isa": isa} if isa else None)[1]
+
+
 @pytest.mark.parametrize("isa", [None] + ALL_ISAS)
 @pytest.mark.parametrize("kv_bits", [4, 8])
 @pytest.mark.parametrize("length", [5, 9])
@@ -481,16 +496,7 @@ def test_attn_pv(lib, isa, kv_bits, length):
     rowbits[length:] = 0  # unwritten cache slots are never read
     ps = np.array([1 / 255], np.float32)
     vs = np.array([0.02, 0.3], np.float32)
-    g = Graph()
-    ins = [g.input("p", np.uint8, p.shape), g.input("ps", np.float32, [1]),
-           g.input("v_cache", v_store.dtype, v_store.shape),
-           g.input("rowbits", np.int32, [s_cap]), g.input("vs", np.float32, [2]),
-           g.input("length", np.int32, [1])]
-    out_t = g.tensor("out", np.float32, [h, t, d])
-    g.op("TFQAT_ATTN_PV", ins, [out_t], {"kv_bits": kv_bits, "d": d})
-    feeds = {"p": p, "ps": ps, "v_cache": v_store, "rowbits": rowbits, "vs": vs,
-             "length": np.array([length], np.int32)}
-    _, out = run(g.build([out_t]), lib, feeds, {"isa": isa} if isa else None)
+    out = run_attn_pv(lib, isa, p, ps, v_store, rowbits, vs, length, {"kv_bits": kv_bits, "d": d})
     np.testing.assert_array_equal(out["out"], ref_attn_pv(p, ps[0], v_codes, rowbits, vs, length))
 
 
@@ -577,17 +583,8 @@ def test_attn_q_layout_and_float_probabilities(lib, isa, kv_bits, t):
         rowbits = rand_bits(rng, s_cap)
         rowbits[length:] = 0
         vs = np.array([0.02, 0.3], np.float32)
-        g = Graph()
-        ins = [g.input("p", np.float32, pf.shape), g.input("ps", np.float32, [1]),
-               g.input("v_cache", v_store.dtype, v_store.shape),
-               g.input("rowbits", np.int32, [s_cap]), g.input("vs", np.float32, [2]),
-               g.input("length", np.int32, [1])]
-        out_t = g.tensor("out", np.float32, [h, t, d])
-        g.op("TFQAT_ATTN_PV", ins, [out_t], {"kv_bits": kv_bits, "d": d, "p_max": p_max})
-        _, out = run(g.build([out_t]), lib, {"p": pf, "ps": ps, "v_cache": v_store,
-                                             "rowbits": rowbits, "vs": vs,
-                                             "length": np.array([length], np.int32)},
-                     {"isa": isa} if isa else None)
+        out = run_attn_pv(lib, isa, pf, ps, v_store, rowbits, vs, length,
+                          {"kv_bits": kv_bits, "d": d, "p_max": p_max})
         np.testing.assert_array_equal(out["out"], ref_attn_pv(codes, ps[0], v_codes, rowbits, vs, length))
 
 

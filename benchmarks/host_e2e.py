@@ -8,6 +8,7 @@ that loads the model and runs both, and file size. Each model runs in its own su
 
     python benchmarks/host_e2e.py --configs tiny llama-58m --out build/host_e2e.json
     python benchmarks/host_e2e.py --configs tiny llama-58m --fast   # + o_proj dynamic8, int8 head
+    python benchmarks/host_e2e.py --exports runs/smollm2-135m/export-w4a4-8 DIR2   # trained exports
 
 Prints a markdown table and writes JSON.
 """
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "build" / "host_e2e"))
     ap.add_argument("--out", default=str(ROOT / "build" / "host_e2e.json"))
     ap.add_argument("--lib", default=None)
+    ap.add_argument("--exports", nargs="+", metavar="DIR",
+                    help="instead of --configs: measure these export folders of trained runs (python -m "
+                         "tfqat.export --out DIR): the first one's model_float.tflite and each one's model.tflite")
     args = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tfqat.runtime import find_library
@@ -148,10 +152,20 @@ def main(argv=None) -> int:
     results = {"host": os.uname().machine, "threads": 1, "prompt_len": args.prompt_len,
                "decode_steps": args.decode_steps, "oproj": args.oproj, "head": args.head,
                "configs": {}}
-    for config in args.configs:
+    groups = {"exports": None} if args.exports else {c: None for c in args.configs}
+    for config in groups:
         t0 = time.perf_counter()
-        paths = build_models(config, Path(args.work) / config, args.oproj, args.recipes,
-                             args.head, args.fast)
+        if args.exports:
+            dirs = [Path(d) for d in args.exports]
+            paths = {"float (XNNPACK)": dirs[0] / "model_float.tflite",
+                     **{f"ours {d.name}": d / "model.tflite" for d in dirs}}
+            missing = [str(p) for p in paths.values() if not p.is_file()]
+            if missing:
+                raise SystemExit(f"host_e2e: {missing[0]} does not exist; export the run first "
+                                 "(python -m tfqat.export --run runs/<name> --out DIR)")
+        else:
+            paths = build_models(config, Path(args.work) / config, args.oproj, args.recipes,
+                                 args.head, args.fast)
         rows = {label: {"path": str(p), **measure(p, lib, args.prompt_len, args.decode_steps, args.reps)}
                 for label, p in paths.items()}
         base = rows["float (XNNPACK)"]
@@ -186,8 +200,9 @@ def main(argv=None) -> int:
             print(f"\ngoals, {label}: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}"
                                                     for k, v in goals.items()))
         sys.stdout.flush()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    from tfqat.atomic import write_json_atomic
+
+    write_json_atomic(args.out, results)
     print(f"\nJSON: {args.out}")
     return 0
 

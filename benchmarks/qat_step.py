@@ -1,6 +1,6 @@
 """Median step time: FP training step vs the full QAT step (student + teacher + losses).
 
-Both steps run on the same batch, compiled with ``tf.function`` exactly as ``train_loop`` does
+Both steps run on the same batch, compiled by ``train_loop``'s own single-device step
 (tape, AdamW with global clip, step counter), alternating so that load from other processes
 hits both alike. Prints both medians and the ratio (goal: QAT / FP <= 2.0).
 
@@ -20,24 +20,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def make_step(model, loss_fn, cfg):
+    """The training loop's own single-device step (tfqat.training), returning the loss."""
     import tensorflow as tf
 
-    from tfqat.training import make_optimizer
+    from tfqat.training import _local_step, make_optimizer
 
-    optimizer = make_optimizer(cfg, 1000)
-    variables = model.trainable_variables
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-
-    @tf.function(reduce_retracing=True)
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            loss, _ = loss_fn(x, y, True)
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables))
-        step_var.assign_add(1)
-        return loss
-
-    return step
+    step = _local_step(model, loss_fn, make_optimizer(cfg, 1000),
+                       tf.Variable(0, dtype=tf.int64, trainable=False))
+    return lambda x, y: step(x, y)[0]
 
 
 def main(argv=None) -> int:

@@ -62,7 +62,7 @@ def imported_teacher(cfg: RunConfig):
     per process: the data stage needs its tokenizer and the FP stage its weights."""
     from .importers import load_teacher_and_tokenizer
 
-    key = (cfg.teacher.source, cfg.teacher.path, cfg.teacher.tokenizer, config_to_dict(cfg.model).__repr__())
+    key = (cfg.teacher.source, cfg.teacher.path, cfg.teacher.tokenizer, repr(config_to_dict(cfg.model)))
     if key not in _IMPORTED:
         try:
             _IMPORTED[key] = load_teacher_and_tokenizer(cfg)
@@ -120,9 +120,7 @@ def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]
     result_path = stage / "result.json"
     seed_everything(cfg.train.seed)
     if teacher_path(cfg).is_file() and result_path.is_file():
-        model = build_fp_model(cfg)
-        model.load_weights(str(teacher_path(cfg)))
-        return model, {**json.loads(result_path.read_text()), "reused": True}
+        return _reuse_teacher(cfg, result_path)
 
     def build():  # under the strategy's scope (train_loop calls it there)
         seed_everything(cfg.train.seed)
@@ -147,6 +145,13 @@ def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]
     return model, {**result, "reused": False}
 
 
+def _reuse_teacher(cfg: RunConfig, result_path: Path) -> tuple[object, dict]:
+    """The FP stage's saved teacher (trained or imported) and its stage result."""
+    model = build_fp_model(cfg)
+    model.load_weights(str(teacher_path(cfg)))
+    return model, {**json.loads(result_path.read_text()), "reused": True}
+
+
 def _imported_fp_stage(cfg: RunConfig, data) -> tuple[object, dict]:
     """The imported teacher, saved as ``fp/teacher.weights.h5`` like a trained one, so QAT, export
     and evaluation read it the same way (and a rerun skips the import's dequantization)."""
@@ -163,9 +168,7 @@ def _imported_fp_stage(cfg: RunConfig, data) -> tuple[object, dict]:
     _claim_stage_dir(stage, fp, "teacher")
     result_path = stage / "result.json"
     if teacher_path(cfg).is_file() and result_path.is_file():
-        model = build_fp_model(cfg)
-        model.load_weights(str(teacher_path(cfg)))
-        return model, {**json.loads(result_path.read_text()), "reused": True}
+        return _reuse_teacher(cfg, result_path)
     t0 = time.perf_counter()
     model = imported_teacher(cfg)[0]
     save_weights_atomic(model, teacher_path(cfg))

@@ -31,7 +31,7 @@ def build_parser():
     ap.add_argument("--teacher", help="FP weights (.weights.h5); default runs/<name>/fp/teacher.weights.h5")
     ap.add_argument("--prune", action="append", default=None, metavar="SCHEDULE",
                     help="pruning schedule: per-layer fractions '0.2,0.2,0.2,0' of the prunable tokens, or "
-                         "'progressive:R' (repeatable; default: progressive:0.25 and progressive:0.5; 'none': no rows)")
+                         "'progressive:R' (repeatable; default: progressive:0.1, 0.25 and 0.5; 'none': no rows)")
     ap.add_argument("--qat-run", help="run folder holding the QAT students (default runs/tiny)")
     ap.add_argument("--qat-stage", action="append", default=None, metavar="FOLDER",
                     help="QAT student folder inside --qat-run to add as a row (repeatable; default: for "
@@ -52,28 +52,39 @@ def build_parser():
 DEFAULT_PRUNE = ("progressive:0.1", "progressive:0.25", "progressive:0.5")
 
 
+def cached_export(d: Path, source: dict) -> dict | None:
+    """``d``'s ``source.json`` when ``d`` holds a complete export (manifest) made from ``source``
+    (every key of ``source`` equal), else None."""
+    import json
+
+    marker = d / "source.json"
+    if not ((d / "manifest.json").is_file() and marker.is_file()):
+        return None
+    old = json.loads(marker.read_text())
+    return old if all(old.get(k) == v for k, v in source.items()) else None
+
+
 def exported_prefill(cfg, data, teacher, stage, specs, out: Path, progress: bool = False) -> dict:
     """Export ``stage``'s QAT student and the FP teacher unpruned and with each schedule (cached
     under ``out/exports``), then time every prefill side by side (LiteRT, 1 thread, medians)."""
-    import json
-
     from .agile.prune_export import time_exported_prefill
+    from .atomic import write_json_atomic
     from .export import export_models
     from .quant.qat import load_student
 
     student = load_student(cfg, stage)
     w = stage / "student.weights.h5"
+    teacher_params = int(sum(int(v.numpy().size) for v in teacher.weights))
     paths = {}
     for spec in ["none"] + list(specs):
         d = out / "exports" / spec.replace(":", "-").replace(",", "_")
         src = {"stage": str(stage), "weights_mtime": w.stat().st_mtime_ns, "prune": spec,
-               "teacher_params": int(sum(int(v.numpy().size) for v in teacher.weights))}
-        if not ((d / "manifest.json").is_file() and (d / "source.json").is_file()
-                and json.loads((d / "source.json").read_text()) == src):
+               "teacher_params": teacher_params}
+        if cached_export(d, src) is None:
             t = time.perf_counter()
             export_models(student, teacher, d, prune=None if spec == "none" else spec,
                           extra={"stage_dir": str(stage)})
-            (d / "source.json").write_text(json.dumps(src))
+            write_json_atomic(d / "source.json", src)
             if progress:
                 print(f"  exported {stage.name} + FP, prune {spec} ({time.perf_counter() - t:.0f} s)", flush=True)
         paths[f"{student.recipe.name} {spec}"] = d / "model.tflite"
@@ -98,6 +109,7 @@ def exportable_rows(cfg, data, teacher, calib, out: Path, fpr: str, rows: list, 
     import numpy as np
 
     from . import pipeline
+    from .atomic import write_json_atomic
     from .agile.build import agile_size_bytes, agile_student
     from .agile.exportable import export_agile
     from .evaluate import evaluate_model, keras_logprob_fn, perplexity
@@ -120,22 +132,19 @@ def exportable_rows(cfg, data, teacher, calib, out: Path, fpr: str, rows: list, 
         return info
     d = out / "exports" / "agile-channel"
     src = {"fingerprint": pipeline.eval_fingerprint(cfg, data, fpr, "agile_gptq_channel_lin8"), "version": 1}
-    if not ((d / "manifest.json").is_file() and (d / "source.json").is_file()
-            and {k: v for k, v in json.loads((d / "source.json").read_text()).items() if k in src} == src):
+    cached = cached_export(d, src)
+    if cached is None:
         st = student()
         x = np.asarray(calib[0])
         before = st(x).numpy()
         t = time.perf_counter()
         export_agile(st, None, d)
-        info["fold_max_abs_logit_diff"] = float(np.abs(st(x).numpy() - before).max())
         info["export_s"] = round(time.perf_counter() - t, 1)
-        (d / "source.json").write_text(json.dumps({**src, "fold_max_abs_logit_diff": info["fold_max_abs_logit_diff"]}))
-        src = {**src, "fold_max_abs_logit_diff": info["fold_max_abs_logit_diff"]}
+        cached = {**src, "fold_max_abs_logit_diff": float(np.abs(st(x).numpy() - before).max())}
+        write_json_atomic(d / "source.json", cached)
         if progress:
             print(f"  exported the Agile per-channel student ({info['export_s']:.0f} s)", flush=True)
-    else:
-        src = json.loads((d / "source.json").read_text())
-    info["fold_max_abs_logit_diff"] = src.get("fold_max_abs_logit_diff")
+    info["fold_max_abs_logit_diff"] = cached.get("fold_max_abs_logit_diff")
     info["dir"] = str(d)
     size = (d / "model.tflite").stat().st_size
     info["model_bytes"] = size
@@ -149,8 +158,8 @@ def exportable_rows(cfg, data, teacher, calib, out: Path, fpr: str, rows: list, 
                           cfg.eval.batch_size, cfg.eval.max_tokens, progress)
 
     e = pipeline.cached_eval(out / "eval_agile_channel_tflite.json",
-                             pipeline.eval_fingerprint(cfg, data, fpr, "agile_channel_tflite", src["fingerprint"],
-                                                                sha), lite_ppl)
+                             pipeline.eval_fingerprint(cfg, data, fpr, "agile_channel_tflite", src["fingerprint"], sha),
+                             lite_ppl)
     rows.append({"method": EXPORTABLE.replace(")", ", TFLite export)"), "recipe": f"{desc}, `model.tflite`",
                  "perplexity": e["perplexity"], "blimp": None, "size_mb": size / 1e6})
     info["tflite_perplexity"] = e["perplexity"]

@@ -20,23 +20,11 @@
 #include <vector>
 
 #include "tfqat_ops/kernels.h"
+#include "../../tflite_ops/bench/bench_data.h"
 
 namespace {
 constexpr long kMarkNr = 0x7e57;  // see insn_count_plugin.c
 __attribute__((noinline)) void mark(long tag) { syscall(kMarkNr, tag); }
-
-uint32_t rng_state = 12345;
-uint32_t rnd() {
-  rng_state = rng_state * 1664525u + 1013904223u;
-  return rng_state >> 8;
-}
-uint16_t to_half(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint32_t sign = (x >> 16) & 0x8000u, e = (x >> 23) & 0xFF;
-  if (e < 113) return static_cast<uint16_t>(sign);
-  return static_cast<uint16_t>(sign | ((e - 112) << 10) | ((x & 0x7FFFFF) >> 13));
-}
 
 int tag = 0;
 template <typename F>
@@ -78,16 +66,11 @@ int main(int argc, char** argv) {
     const int K = sh.K, N = sh.N;
     const std::string prefix = "llama58m/" + std::to_string(K) + "x" + std::to_string(N) + "/T" + std::to_string(T) + "/";
     auto wanted = [&](const char* v) { return filter.empty() || (prefix + v).find(filter) != std::string::npos; };
-    std::vector<float> xf(static_cast<size_t>(T) * K), wf(static_cast<size_t>(N) * K), y(static_cast<size_t>(T) * N);
-    for (auto& v : xf) v = static_cast<float>(static_cast<int>(rnd() % 2001) - 1000) / 1000.0f;
-    for (auto& v : wf) v = static_cast<float>(static_cast<int>(rnd() % 2001) - 1000) / 1000.0f;
-    std::vector<float> xs(T, 0.01f), ws(N, 0.02f), bias(N, 0.5f);
-    std::vector<int8_t> x8(static_cast<size_t>(T) * K), x4(x8.size()), w8(static_cast<size_t>(N) * K);
-    for (auto& v : x8) v = static_cast<int8_t>(static_cast<int>(rnd() % 256) - 128);
-    for (auto& v : x4) v = static_cast<int8_t>(static_cast<int>(rnd() % 16) - 8);
-    for (auto& v : w8) v = static_cast<int8_t>(static_cast<int>(rnd() % 256) - 128);
-    std::vector<uint8_t> w4(static_cast<size_t>(N) * ((K + 1) / 2));
-    for (auto& v : w4) v = static_cast<uint8_t>(rnd());
+    tfqat_bench::GemmData d(T, K, N);
+    auto &xf = d.xf, &wf = d.wf, &xs = d.xs, &ws = d.ws, &bias = d.bias;
+    auto &x8 = d.x8, &x4 = d.x4, &w8 = d.w8;
+    auto& w4 = d.w4;
+    std::vector<float> y(static_cast<size_t>(T) * N);
 
     if (wanted("fp32")) {
       std::vector<uint8_t> p(kt->f32_packed_size(N, K));
@@ -96,8 +79,8 @@ int main(int argc, char** argv) {
     }
     if (wanted("fp16")) {
       std::vector<uint16_t> xh(xf.size()), wh(wf.size()), yh(y.size());
-      for (size_t i = 0; i < xf.size(); ++i) xh[i] = to_half(xf[i]);
-      for (size_t i = 0; i < wf.size(); ++i) wh[i] = to_half(wf[i]);
+      for (size_t i = 0; i < xf.size(); ++i) xh[i] = tfqat_bench::to_half(xf[i]);
+      for (size_t i = 0; i < wf.size(); ++i) wh[i] = tfqat_bench::to_half(wf[i]);
       std::vector<uint8_t> p(kt->f16_packed_size(N, K));
       kt->f16_pack(wh.data(), N, K, p.data());
       run_case(prefix + "fp16", kt, [&] { kt->gemm_f16(xh.data(), T, K, p.data(), N, yh.data()); });

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "tfqat_ops/kernels.h"
+#include "bench_data.h"
 
 namespace {
 
@@ -62,12 +63,6 @@ struct Aligned64 {
 };
 using Packed = std::vector<uint8_t, Aligned64<uint8_t>>;
 
-uint32_t rng_state = 12345;
-uint32_t rnd() {
-  rng_state = rng_state * 1664525u + 1013904223u;
-  return rng_state >> 8;
-}
-
 double percentile(std::vector<double> v, double q) {
   std::sort(v.begin(), v.end());
   const size_t i = static_cast<size_t>(q * (v.size() - 1) + 0.5);
@@ -94,14 +89,6 @@ Result time_it(const std::string& name, const KernelTable* kt, int T, int K, int
   return {name, tfqat::isa_name(kt->isa), T, K, N, percentile(us, 0.5), percentile(us, 0.1), percentile(us, 0.9)};
 }
 
-uint16_t to_half(float f) {  // test data only: values in [-1, 1] need no rounding care
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint32_t sign = (x >> 16) & 0x8000u, e = (x >> 23) & 0xFF;
-  if (e < 113) return static_cast<uint16_t>(sign);
-  return static_cast<uint16_t>(sign | ((e - 112) << 10) | ((x & 0x7FFFFF) >> 13));
-}
-
 void bench_table(const KernelTable* kt, const std::string& filter, int reps, std::vector<Result>& out) {
   for (const Shape& sh : kShapes) {
     for (int T : {1, 128}) {
@@ -109,16 +96,11 @@ void bench_table(const KernelTable* kt, const std::string& filter, int reps, std
       const std::string prefix = std::string(sh.model) + "/" + std::to_string(K) + "x" + std::to_string(N) + "/T" +
                                  std::to_string(T) + "/";
       auto wanted = [&](const char* v) { return filter.empty() || (prefix + v).find(filter) != std::string::npos; };
-      std::vector<float> xf(static_cast<size_t>(T) * K), wf(static_cast<size_t>(N) * K), y(static_cast<size_t>(T) * N);
-      for (auto& v : xf) v = static_cast<float>(static_cast<int>(rnd() % 2001) - 1000) / 1000.0f;
-      for (auto& v : wf) v = static_cast<float>(static_cast<int>(rnd() % 2001) - 1000) / 1000.0f;
-      std::vector<float> xs(T, 0.01f), ws(N, 0.02f), bias(N, 0.5f), scales(T);
-      std::vector<int8_t> x8(static_cast<size_t>(T) * K), x4(x8.size()), w8(static_cast<size_t>(N) * K);
-      for (auto& v : x8) v = static_cast<int8_t>(static_cast<int>(rnd() % 256) - 128);
-      for (auto& v : x4) v = static_cast<int8_t>(static_cast<int>(rnd() % 16) - 8);
-      for (auto& v : w8) v = static_cast<int8_t>(static_cast<int>(rnd() % 256) - 128);
-      std::vector<uint8_t> w4(static_cast<size_t>(N) * ((K + 1) / 2));
-      for (auto& v : w4) v = static_cast<uint8_t>(rnd());
+      tfqat_bench::GemmData d(T, K, N);
+      auto &xf = d.xf, &wf = d.wf, &xs = d.xs, &ws = d.ws, &bias = d.bias;
+      auto &x8 = d.x8, &x4 = d.x4, &w8 = d.w8;
+      auto& w4 = d.w4;
+      std::vector<float> y(static_cast<size_t>(T) * N), scales(T);
 
       if (wanted("fp32")) {
         Packed p(kt->f32_packed_size(N, K));
@@ -127,8 +109,8 @@ void bench_table(const KernelTable* kt, const std::string& filter, int reps, std
       }
       if (wanted("fp16")) {
         std::vector<uint16_t> xh(xf.size()), wh(wf.size()), yh(y.size());
-        for (size_t i = 0; i < xf.size(); ++i) xh[i] = to_half(xf[i]);
-        for (size_t i = 0; i < wf.size(); ++i) wh[i] = to_half(wf[i]);
+        for (size_t i = 0; i < xf.size(); ++i) xh[i] = tfqat_bench::to_half(xf[i]);
+        for (size_t i = 0; i < wf.size(); ++i) wh[i] = tfqat_bench::to_half(wf[i]);
         Packed p(kt->f16_packed_size(N, K));
         kt->f16_pack(wh.data(), N, K, p.data());
         out.push_back(time_it(prefix + "fp16", kt, T, K, N, reps, [&] { kt->gemm_f16(xh.data(), T, K, p.data(), N, yh.data()); }));
@@ -273,8 +255,8 @@ void bench_candidates(const std::string& filter, int reps, std::vector<Result>& 
     const int K = sh.K, N = sh.N;
     const std::string prefix = std::string(sh.model) + "/" + std::to_string(K) + "x" + std::to_string(N) + "/T1/";
     std::vector<int8_t> w(static_cast<size_t>(N) * K), x(K);
-    for (auto& v : w) v = static_cast<int8_t>(static_cast<int>(rnd() % 16) - 8);
-    for (auto& v : x) v = static_cast<int8_t>(static_cast<int>(rnd() % 16) - 8);
+    for (auto& v : w) v = static_cast<int8_t>(static_cast<int>(tfqat_bench::rnd() % 16) - 8);
+    for (auto& v : x) v = static_cast<int8_t>(static_cast<int>(tfqat_bench::rnd() % 16) - 8);
     std::vector<int32_t> want(N, 0), got(static_cast<size_t>(N) + 16);
     for (int n = 0; n < N; ++n) {
       for (int k = 0; k < K; ++k) want[n] += x[k] * w[static_cast<size_t>(n) * K + k];

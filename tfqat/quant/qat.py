@@ -31,7 +31,7 @@ import keras
 import tensorflow as tf
 
 from tfqat.quant.losses import distillation_loss, distribution_loss, entropy_loss
-from tfqat.quant.quantizers import ActQuantizer, WeightQuantizer, qrange
+from tfqat.quant.quantizers import ActQuantizer, WeightQuantizer, clip_search_scale, qrange
 from tfqat.quant.recipes import Recipe, get_recipe
 from tfqat.quant.token_bits import select_token_bits
 
@@ -133,20 +133,9 @@ def quantizers(student: keras.Model) -> dict[str, keras.layers.Layer]:
 
 def _mse_weight_scale(w: tf.Tensor, bits: int, per_channel: bool, grid: int = 40) -> tf.Tensor:
     """Per-channel (or per-tensor) scale minimising ``||w - fq(w)||^2`` over clip ratios 0.3..1."""
-    qmin, qmax = qrange(bits, True)
     axes = [0] if per_channel else None
     peak = tf.maximum(tf.reduce_max(tf.abs(w), axis=axes), 1e-8)  # (out,) or ()
-    ratios = tf.linspace(0.3, 1.0, grid)
-    best_err, best_s = None, None
-    for i in range(grid):
-        s = peak * ratios[i] / qmax
-        err = tf.reduce_sum(tf.square(tf.clip_by_value(tf.round(w / s), qmin, qmax) * s - w), axis=axes)
-        if best_err is None:
-            best_err, best_s = err, s
-        else:
-            better = err < best_err
-            best_err, best_s = tf.where(better, err, best_err), tf.where(better, s, best_s)
-    return best_s
+    return clip_search_scale(w, peak, qrange(bits, True)[1], tf.linspace(0.3, 1.0, grid), axes=axes)
 
 
 def calibrate(student: keras.Model, batches: Iterable, weight_mse: bool = True, act_init: str = "lsq") -> None:

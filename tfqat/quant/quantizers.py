@@ -70,14 +70,32 @@ def _replicas() -> float:
     return float(ctx.num_replicas_in_sync) if ctx is not None else 1.0
 
 
+def clip_search_scale(x: tf.Tensor, peak: tf.Tensor, qp: int, ratios: tf.Tensor, axes=None,
+                      mask: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """The symmetric scale ``peak * r / qp`` (``r`` in ``ratios``) with the least squared rounding +
+    clipping error of ``x`` (summed over ``axes``, weighted by ``mask``); per slice when ``peak``
+    has the shape ``x`` takes after reducing ``axes``. The first best ratio wins ties."""
+    best_err, best_s = None, None
+    for i in range(int(ratios.shape[0])):
+        s = peak * ratios[i] / qp
+        sq = tf.square(tf.clip_by_value(tf.round(x / s), -qp - 1, qp) * s - x)
+        err = tf.reduce_sum(sq if mask is None else sq * mask, axis=axes)
+        if best_err is None:
+            best_err, best_s = err, s
+        else:
+            better = err < best_err
+            best_err, best_s = tf.where(better, err, best_err), tf.where(better, s, best_s)
+    return best_s
+
+
 def mse_scale(x: tf.Tensor, mask: tf.Tensor, qp: int, candidates: int = 48,
               max_samples: int = 1 << 18) -> tf.Tensor:
-    """The symmetric per-tensor scale ``c * max|x| / qp`` (``c`` on a grid in (0, 1]) with the least
-    squared rounding + clipping error over the masked entries of ``x``.
+    """The symmetric per-tensor activation scale ``c * max|x| / qp`` (``c`` on a grid in (0, 1])
+    with the least squared rounding + clipping error over the masked entries of ``x``.
 
     Why: pretrained LLMs carry activation outliers; LSQ's ``2 mean|x| / sqrt(Qp)`` clips them to
     ruin, and max-scaling leaves the bulk of the values a code or two. Evaluated on at most
-    ``max_samples`` evenly strided entries (vectorised over the grid).
+    ``max_samples`` evenly strided entries.
     """
     x = tf.reshape(tf.cast(x, tf.float32), [-1])
     m = tf.reshape(tf.cast(mask, tf.float32), [-1])
@@ -85,11 +103,7 @@ def mse_scale(x: tf.Tensor, mask: tf.Tensor, qp: int, candidates: int = 48,
     x, m = x[::stride], m[::stride]
     amax = tf.reduce_max(tf.abs(x) * m)
     amax = tf.where(amax > 0, amax, tf.reduce_max(tf.abs(x)) + _EPS)
-    c = tf.linspace(1.0 / candidates, 1.0, candidates)
-    s = tf.maximum(c * amax / float(qp), _EPS)[:, None]  # (K, 1)
-    q = tf.clip_by_value(tf.round(x[None, :] / s), -float(qp) - 1.0, float(qp)) * s
-    err = tf.reduce_sum(tf.square(q - x[None, :]) * m[None, :], axis=1)
-    return tf.gather(s[:, 0], tf.argmin(err))
+    return clip_search_scale(x, amax, qp, tf.linspace(1.0 / candidates, 1.0, candidates), mask=m)
 
 
 @dataclass(frozen=True)

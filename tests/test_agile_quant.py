@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfqat.agile.gptq import gptq, hessian, output_error, rtn
+from tfqat.quant.gptq import gptq, hessian, output_error, rtn
 from tfqat.agile.log2 import Log2Quantizer
 from tfqat.agile.pruning import drop_counts, forward_pruned, parse_schedule, pruned_perplexity, select_keep
 from tfqat.agile.trip import K_MAX, TripQuantizer, best_factors, candidate_ratios, fold_student, search_trip

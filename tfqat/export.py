@@ -122,9 +122,10 @@ class QLinearSpec:
     """One TFQAT_QLINEAR: weights ``[N, K]`` codes (row = output channel) and scales ``[N]``."""
 
     codes: np.ndarray  # int8 [N, K]
-    scales: np.ndarray  # float32 [N]
+    scales: np.ndarray  # float32 [N], or [N, ceil(K / group_size)] when grouped
     w_bits: int
     bias: Optional[np.ndarray] = None  # float32 [N]
+    group_size: int = 0  # > 0: one scale per output channel and group_size inputs
 
     @property
     def n(self) -> int:
@@ -136,6 +137,11 @@ class QLinearSpec:
 
     def stored(self) -> np.ndarray:
         return pack_int4(self.codes) if self.w_bits == 4 else self.codes.astype(np.int8)
+
+    def dequantized(self) -> np.ndarray:
+        """``codes * scales`` as float32 ``[N, K]`` (each group's scale repeated over its inputs)."""
+        s = self.scales if self.scales.ndim == 1 else np.repeat(self.scales, self.group_size, 1)[:, :self.k]
+        return self.codes.astype(np.float32) * (s[:, None] if s.ndim == 1 else s)
 
 
 @dataclasses.dataclass
@@ -232,7 +238,8 @@ def _weight_spec(where: str, linear) -> QLinearSpec:
                           "kernels; use 4 or 8")
     codes, scales = wq.export(linear.kernel)
     bias = None if linear.bias is None else _np(linear.bias)
-    return QLinearSpec(codes.astype(np.int8), scales.astype(np.float32), int(wq.spec.bits), bias)
+    return QLinearSpec(codes.astype(np.int8), scales.astype(np.float32), int(wq.spec.bits), bias,
+                       int(wq.spec.group_size))
 
 
 def _concat(parts: list) -> QLinearSpec:
@@ -242,7 +249,7 @@ def _concat(parts: list) -> QLinearSpec:
         bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.n, np.float32)
                                for p in parts])
     return QLinearSpec(np.concatenate([p.codes for p in parts]),
-                       np.concatenate([p.scales for p in parts]), parts[0].w_bits, bias)
+                       np.concatenate([p.scales for p in parts]), parts[0].w_bits, bias, parts[0].group_size)
 
 
 def _rho_of(model, rho) -> Optional[float]:
@@ -289,7 +296,7 @@ def spec_from_model(model, quantized: bool = True, rho: Optional[float] = None,
         if quantized:
             for g, names in groups.items():
                 parts = [_weight_spec(f"block {i} {n}", lin[n]) for n in names]
-                if len({p.w_bits for p in parts}) == 1:
+                if len({(p.w_bits, p.group_size) for p in parts}) == 1:
                     linears[g] = _concat(parts)
                 else:  # mixed weight bits in a group: one op each
                     for n, p in zip(names, parts):
@@ -297,16 +304,23 @@ def spec_from_model(model, quantized: bool = True, rho: Optional[float] = None,
             qp = block.quant_points()
             for name in ("attn_in", "mlp_in", "mlp_act"):
                 points[name] = _act_spec(f"block {i} {name}", qp[name].quantizer)
-            for name in ("q", "k", "v"):
-                points[name] = _act_spec(f"block {i} {name}", qp[name].quantizer, ("static",))
+            for name in ("q", "k"):  # per-token scales: the quantize op's rows, ATTN_QK's q/k scales
+                points[name] = _act_spec(f"block {i} {name}", qp[name].quantizer)
+            points["v"] = _act_spec(f"block {i} v", qp["v"].quantizer, ("static",))
             probs = _act_spec(f"block {i} probs", qp["probs"].quantizer, ("static",))
             if probs.signed:
                 raise ExportError(f"block {i} probs: softmax probabilities must be quantized "
                                   "unsigned (uint8 codes for TFQAT_ATTN_PV)")
             points["probs"] = probs
-            if oproj == "float":
+            o_in = qp["o_in"].quantizer
+            if o_in is not None:  # trained with o_proj's input quantized: the integer path is exact
+                points["o_in"] = _act_spec(f"block {i} o_in", o_in)
+                if not points["o_in"].dynamic or points["o_in"].adaptive:
+                    raise ExportError(f"block {i} o_in: o_proj's input must be dynamic per-token with one "
+                                      "bit width (the recipe's dynamic list)")
+            elif oproj == "float":
                 p = linears.pop("o")
-                linears["o_float"] = (p.codes.astype(np.float32) * p.scales[:, None]).T.copy()
+                linears["o_float"] = p.dequantized().T.copy()
                 linears["o_float_bias"] = p.bias
         else:
             for g, names in groups.items():
@@ -379,32 +393,65 @@ def _tf_quantize_rows(tf, x, bits, scales, dynamic: bool):
 
 
 def qlinear_op(x, bits, act_scales, w, w_scales, bias=None, *, w_bits: int, k: int,
-               act_mode: int = 0):
-    """TFQAT_QLINEAR (OPS.md): fused per-token quantize + int matmul + float epilogue."""
+               act_mode: int = 0, group_size: int = 0):
+    """TFQAT_QLINEAR (OPS.md): fused per-token quantize + int matmul + float epilogue.
+
+    Args:
+        group_size: 0 (default): ``w_scales`` is [N], one scale per output channel, and the
+            epilogue is ``float(acc) * (xs * ws)``. G > 0, a multiple of 32: ``w_scales`` is
+            [N, ceil(k / G)], one scale per output channel and group of G consecutive inputs (the
+            last group may be partial), and the epilogue is the grouped one of OPS.md:
+            ``s = 0; s = s + float(acc_g) * ws[:, g]`` for g in order, then ``* xs``, then ``+ bias``.
+            Emitted as the op's ``group_size`` attr only when G > 0.
+
+    Raises:
+        ValueError: ``group_size`` is negative or not a multiple of 32.
+    """
     import tensorflow as tf
+
+    if group_size < 0 or group_size % 32:
+        raise ValueError(f"qlinear_op: group_size={group_size} must be 0 (one scale per output "
+                         "channel) or a positive multiple of 32")
 
     def body(x, bits, act_scales, w, w_scales, *rest):
         q, s = _tf_quantize_rows(tf, x, bits, act_scales, act_mode == 1)
         wi = _tf_unpack_int4(tf, w, k) if w_bits == 4 else tf.cast(w, tf.int32)
-        acc = tf.matmul(tf.cast(q, tf.int32), wi, transpose_b=True)  # [T, N] exact int32
-        y = tf.cast(acc, tf.float32) * (s[:, None] * w_scales[None, :])
+        qi = tf.cast(q, tf.int32)
+        if group_size == 0:
+            acc = tf.matmul(qi, wi, transpose_b=True)  # [T, N] exact int32
+            y = tf.cast(acc, tf.float32) * (s[:, None] * w_scales[None, :])
+        else:
+            # Exact int32 sums per group (zero padding to whole groups adds nothing), then the
+            # float32 sum over groups from 0.0 in group order. foldl is a loop, one add per step:
+            # neither reduce_sum (no order promised) nor an unrolled chain of adds (grappler
+            # rewrites it into AddN, which reorders, and drops the add of zeros) keeps that order.
+            ng = -(-k // group_size)
+            pad = [[0, 0], [0, ng * group_size - k]]
+            qg = tf.transpose(tf.reshape(tf.pad(qi, pad), [-1, ng, group_size]), [1, 0, 2])
+            wg = tf.transpose(tf.reshape(tf.pad(wi, pad), [-1, ng, group_size]), [1, 0, 2])
+            acc = tf.matmul(qg, wg, transpose_b=True)  # [ng, T, N]
+            p = tf.cast(acc, tf.float32) * tf.transpose(w_scales)[:, None, :]
+            y = tf.foldl(lambda acc_s, p_g: acc_s + p_g, p, initializer=tf.zeros_like(p[0]))
+            y = y * s[:, None]
         return y + rest[0][None, :] if rest else y
 
     body.__name__ = "qlinear_bias" if bias is not None else "qlinear"
-    fn = _composite("TFQAT_QLINEAR", body, w_bits=w_bits, k=k, act_mode=act_mode)
+    grouping = {"group_size": group_size} if group_size else {}
+    fn = _composite("TFQAT_QLINEAR", body, w_bits=w_bits, k=k, act_mode=act_mode, **grouping)
     args = (x, bits, act_scales, w, w_scales) + ((bias,) if bias is not None else ())
     return fn(*args)
 
 
-def quantize_op(x, bits, scales):
-    """TFQAT_QUANTIZE mode 0: int8 codes [T, K] and the per-token scale [T]."""
+def quantize_op(x, bits, scales, mode: int = 0):
+    """TFQAT_QUANTIZE: int8 codes [T, K] and the per-token scale [T]; ``mode`` 0 static (scales
+    by bit width), 1 dynamic (``max|row| / qmax``; ``scales`` is then ignored)."""
     import tensorflow as tf
 
     def quantize(x, bits, scales):
-        q, s = _tf_quantize_rows(tf, x, bits, scales, False)
+        q, s = _tf_quantize_rows(tf, x, bits, scales, mode == 1)
         return tf.cast(q, tf.int8), s
 
-    return _composite("TFQAT_QUANTIZE", quantize, mode=0)(x, bits, scales)
+    return _composite("TFQAT_QUANTIZE", quantize, mode=mode)(x, bits, scales)
 
 
 def select_bits_topk_op(importance, rho: float):
@@ -566,13 +613,14 @@ def build_module(spec: ModelSpec):
             names = [g for g in ls.linears if g == group or g.startswith(group + ":")]
             for g in names:
                 p, v = ls.linears[g], lv["lin"][g]
+                grouped = {"group_size": p.group_size} if p.group_size else {}
                 if point is None:  # o_proj: dynamic per-token 8-bit
                     outs.append(qlinear_op(x, bits, lv["act"]["attn_in"], v["w"], v["ws"], v["b"],
-                                           w_bits=p.w_bits, k=p.k, act_mode=1))
+                                           w_bits=p.w_bits, k=p.k, act_mode=1, **grouped))
                 else:
                     a = ls.points[point]
                     outs.append(qlinear_op(x, bits, lv["act"][point], v["w"], v["ws"], v["b"],
-                                           w_bits=p.w_bits, k=p.k, act_mode=int(a.dynamic)))
+                                           w_bits=p.w_bits, k=p.k, act_mode=int(a.dynamic), **grouped))
             return outs[0] if len(outs) == 1 else tf.concat(outs, axis=-1)
 
         def _flin(self, i, group, x):
@@ -654,8 +702,8 @@ def build_module(spec: ModelSpec):
             v = qkv[:, (H + Hkv) * D:]
             if cfg.arch == "llama":
                 q, k = self._rope(q, positions), self._rope(k, positions)
-            qc, qs = quantize_op(tf.reshape(q, [t, H * D]), b_in("q"), lv["act"]["q"])
-            kc, ks = quantize_op(tf.reshape(k, [t, Hkv * D]), b_in("k"), lv["act"]["k"])
+            qc, qs = quantize_op(tf.reshape(q, [t, H * D]), b_in("q"), lv["act"]["q"], int(pts["q"].dynamic))
+            kc, ks = quantize_op(tf.reshape(k, [t, Hkv * D]), b_in("k"), lv["act"]["k"], int(pts["k"].dynamic))
             qc = tf.reshape(qc, [t, H, D])  # ATTN_QK q_layout=1 reads [T, H, D] as it is
             k_new = _store_rows(tf, tf.transpose(tf.reshape(kc, [t, Hkv, D]), [1, 0, 2]),
                                 _kv_bits(pts["k"]))
@@ -709,6 +757,8 @@ def build_module(spec: ModelSpec):
                 o = tf.matmul(o, lv["lin"]["o_float"])
                 if "o_float_bias" in lv["lin"]:
                     o = o + lv["lin"]["o_float_bias"]
+            elif "o_in" in pts:
+                o = self._qlin(i, "o", o, fixed(pts["o_in"].bits), "o_in")
             else:
                 o = self._qlin(i, "o", o, fixed(8), None)
             x = x + o

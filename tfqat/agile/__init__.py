@@ -2,7 +2,7 @@
 log2 softmax quantizer, GPTQ 4-bit weights, and activation-aware token pruning.
 
 Modules: :mod:`.trip` (TRIP quantizer, factor search, fold), :mod:`.log2` (log2 probs
-quantizer), :mod:`.gptq` (RTN / GPTQ group-wise weights), :mod:`.pruning` (token pruning in
+quantizer), :mod:`.pruning` (token pruning in
 evaluation), :mod:`.prune_export` (token pruning in the exported prefill), :mod:`.build` (assemble an
 Agile-Quant student), :mod:`.exportable` (fold and export the per-channel variant). CLI: ``python -m tfqat.ptq``.
 """

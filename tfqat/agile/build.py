@@ -26,7 +26,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfqat.agile.gptq import gptq, group_scale, hessian, rtn
+from tfqat.quant.gptq import gptq, group_scale, hessian, rtn
 from tfqat.agile.log2 import Log2Quantizer
 from tfqat.agile.trip import TripQuantizer
 from tfqat.quant.qat import quantize_model, quantizers

@@ -38,7 +38,7 @@ class Log2Quantizer(keras.layers.Layer):
             raise ValueError(f"Log2Quantizer: bits={bits} must be in 2..8")
         self.qbits = bits
 
-    def call(self, x, bits=None, training=None):
+    def call(self, x, bits=None, training=None, token_axis=None):
         return tf.cast(log2_dequant(log2_codes(x, self.qbits), self.qbits), x.dtype)
 
     def codes(self, x) -> np.ndarray:

@@ -93,7 +93,7 @@ class TripQuantizer(keras.layers.Layer):
         """``s * 2^k`` per channel, float32 ``(C,)``."""
         return tf.convert_to_tensor(self.scale) * tf.pow(2.0, tf.convert_to_tensor(self.k))
 
-    def call(self, x, bits=None, training=None):
+    def call(self, x, bits=None, training=None, token_axis=None):
         if training and not bool(self.initialized.numpy()):
             self.initialize(x)
         step = self.step()

@@ -56,6 +56,7 @@ class Attention(keras.layers.Layer):
         self.k = QuantPoint(token_axis=2, name="k")  # (B, K, T, D); what the KV cache stores
         self.v = QuantPoint(token_axis=2, name="v")  # (B, K, T, D)
         self.probs = QuantPoint(token_axis=2, signed=False, name="probs")  # (B, H, T, S)
+        self.o_in = QuantPoint(token_axis=1, name="o_in")  # (B, T, H*D); o_proj's input
 
     def _split_heads(self, x, heads):
         b, t = tf.shape(x)[0], tf.shape(x)[1]
@@ -98,6 +99,6 @@ class Attention(keras.layers.Layer):
 
         pg = tf.reshape(probs, (b, k_heads, groups, t, t))  # (B, K, G, T, S)
         out = tf.einsum("bkgts,bksd->btkgd", pg, v)  # (B, T, K, G, D)
-        out = self.o_proj(tf.reshape(out, (b, t, self.heads * self.head_dim)))  # (B, T, C)
+        out = self.o_proj(self.o_in(tf.reshape(out, (b, t, self.heads * self.head_dim))))  # (B, T, C)
         internals = {"q": q, "k": k, "scores": scores, "probs": probs, "importance": importance}
         return out, internals, own_bits

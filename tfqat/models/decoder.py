@@ -36,12 +36,13 @@ class DecoderBlock(keras.layers.Layer):
         rotary, use_bias: passed to :class:`Attention`.
     """
 
-    POINTS = ("attn_in", "q", "k", "v", "probs", "mlp_in", "mlp_act")
+    POINTS = ("attn_in", "q", "k", "v", "probs", "o_in", "mlp_in", "mlp_act")
     attn_in = _delegate("attn", "attn_in")  # (B, T, C) after attn_norm
     q = _delegate("attn", "q")  # (B, H, T, D) after RoPE
     k = _delegate("attn", "k")  # (B, K, T, D) after RoPE; the KV cache's K
     v = _delegate("attn", "v")  # (B, K, T, D)
     probs = _delegate("attn", "probs")  # (B, H, T, S) softmax, unsigned
+    o_in = _delegate("attn", "o_in")  # (B, T, H*D) before o_proj (quantized by -dyn recipes)
     mlp_in = _delegate("mlp", "mlp_in")  # (B, T, C) after mlp_norm
     mlp_act = _delegate("mlp", "mlp_act")  # (B, T, F) before down_proj / fc_out
 

@@ -55,7 +55,7 @@ class QuantPoint(keras.layers.Layer):
             return x
         if bits is not None:
             bits = self.broadcast_bits(bits, len(x.shape))
-        return self.quantizer(x, bits=bits)
+        return self.quantizer(x, bits=bits, token_axis=self.token_axis)
 
     def broadcast_bits(self, bits, rank: int):
         """``(B, T)`` -> shape ``(B, 1.., T, 1..)`` of ``rank`` with T on ``token_axis``."""

@@ -42,29 +42,40 @@ RecipeLike = Union[str, dict, Recipe]
 # Which bit width of the recipe each activation point takes.
 ACT_SLOTS: dict[str, str] = {
     "attn_in": "act", "q": "act", "mlp_in": "act", "mlp_act": "act",  # activations
+    "o_in": "o_in",  # o_proj's input: quantized only when the recipe names it dynamic
     "k": "kv", "v": "kv",  # what the KV cache stores
     "probs": "probs",  # softmax probabilities: unsigned, min-max init, never token-adaptive
 }
 
 
-def _act_rule(recipe: Recipe, bits: Optional[int]) -> Optional[ActQuantizer]:
+def _act_rule(recipe: Recipe, bits: Optional[int], point: str = "") -> Optional[ActQuantizer]:
     if bits is None:
         return None
+    gran = "token" if point in recipe.dynamic else "tensor"
     if recipe.adaptive:
-        return ActQuantizer(bits, adaptive=True, low_bits=recipe.low_bits)
+        return ActQuantizer(bits, granularity=gran, adaptive=True, low_bits=recipe.low_bits)
+    if gran == "token":
+        return ActQuantizer(bits, granularity="token")
     # At 16 bits clipping buys nothing: fit the range (the float-precision check).
     return ActQuantizer(bits, asymmetric=recipe.act_asymmetric, init="minmax" if bits >= 16 else None)
 
 
-SLOT_RULES: dict[str, Callable[[Recipe], Optional[keras.layers.Layer]]] = {
-    "act": lambda r: _act_rule(r, r.a_bits),
-    "kv": lambda r: _act_rule(r, r.kv_bits),
-    "probs": lambda r: None if r.probs_bits is None else ActQuantizer(r.probs_bits, signed=False, init="minmax"),
+SLOT_RULES: dict[str, Callable[[Recipe, str], Optional[keras.layers.Layer]]] = {
+    "act": lambda r, p: _act_rule(r, r.a_bits, p),
+    "kv": lambda r, p: _act_rule(r, r.kv_bits, p),
+    "probs": lambda r, p: None if r.probs_bits is None else ActQuantizer(r.probs_bits, signed=False, init="minmax"),
+    # o_proj's input: 8-bit at most and one width for every token (the kernels' dynamic8 o_proj)
+    "o_in": lambda r, p: (ActQuantizer(min(8, r.a_bits), granularity="token") if "o_in" in r.dynamic
+                          else None),
 }
 
 
 def weight_quantizer_for(recipe: Recipe) -> Optional[WeightQuantizer]:
-    return None if recipe.w_bits is None else WeightQuantizer(recipe.w_bits, recipe.weight_granularity)
+    if recipe.w_bits is None:
+        return None
+    if recipe.weight_group_size:
+        return WeightQuantizer(recipe.w_bits, "group", recipe.weight_group_size)
+    return WeightQuantizer(recipe.w_bits, recipe.weight_granularity)
 
 
 def act_quantizer_for(point_name: str, recipe: Recipe) -> Optional[keras.layers.Layer]:
@@ -74,7 +85,7 @@ def act_quantizer_for(point_name: str, recipe: Recipe) -> Optional[keras.layers.
     except KeyError:
         raise ValueError(f"quantize_model: activation point {point_name!r} has no rule; add it to "
                          f"tfqat.quant.qat.ACT_SLOTS") from None
-    return SLOT_RULES[rule](recipe)
+    return SLOT_RULES[rule](recipe, point_name)
 
 
 def make_token_bits(recipe: Recipe) -> Optional[Callable[[tf.Tensor], tf.Tensor]]:
@@ -131,23 +142,36 @@ def quantizers(student: keras.Model) -> dict[str, keras.layers.Layer]:
 # -- RTN calibration -------------------------------------------------------------------------
 
 
-def _mse_weight_scale(w: tf.Tensor, bits: int, per_channel: bool, grid: int = 40) -> tf.Tensor:
-    """Per-channel (or per-tensor) scale minimising ``||w - fq(w)||^2`` over clip ratios 0.3..1."""
-    axes = [0] if per_channel else None
-    peak = tf.maximum(tf.reduce_max(tf.abs(w), axis=axes), 1e-8)  # (out,) or ()
-    return clip_search_scale(w, peak, qrange(bits, True)[1], tf.linspace(0.3, 1.0, grid), axes=axes)
+def mse_weight_scale(wq: WeightQuantizer, w: tf.Tensor, grid: int = 40) -> tf.Tensor:
+    """The scale of ``wq``'s shape (per channel, per group or per tensor) minimising
+    ``||w - fq(w)||^2`` over clip ratios 0.3..1."""
+    gran = wq.spec.granularity
+    shape = None
+    if gran == "group":  # (ng, G, N) -> (G, ng * N): one column per (group, output channel)
+        g = wq._grouped(tf.convert_to_tensor(w, tf.float32))
+        shape = (g.shape[0], g.shape[2])
+        w = tf.reshape(tf.transpose(g, (1, 0, 2)), (g.shape[1], -1))
+    axes = None if gran == "tensor" else [0]
+    peak = tf.maximum(tf.reduce_max(tf.abs(w), axis=axes), 1e-8)
+    s = clip_search_scale(w, peak, qrange(wq.spec.bits, True)[1], tf.linspace(0.3, 1.0, grid), axes=axes)
+    return s if shape is None else tf.reshape(s, shape)
 
 
-def calibrate(student: keras.Model, batches: Iterable, weight_mse: bool = True, act_init: str = "lsq") -> None:
-    """RTN post-training quantization: initialise every scale from data, train nothing.
+def calibrate(student: keras.Model, batches: Iterable, weight_mse: bool = True, act_init: str = "lsq",
+              progress: bool = False) -> None:
+    """Post-training quantization: prepare the float weights, then initialise every scale from
+    data; trains nothing.
 
-    Activation scales take their quantizer's own data init (``act_init="lsq"``: LSQ
+    In order: (1) the recipe's SmoothQuant factors are folded into the float weights (once per
+    student, :mod:`tfqat.quant.smooth`); (2) weights: GPTQ when the recipe says
+    ``weight_init: gptq`` (:func:`~tfqat.quant.gptq.gptq_student`), else each scale takes the clip
+    that minimises the squared rounding error (``weight_mse=False``: the LSQ init); (3)
+    activation scales take their quantizer's own data init (``act_init="lsq"``: LSQ
     ``2 mean|x| / sqrt(Qp)``, min-max for probs; ``"mse"``: signed scales take the clip with the
-    least squared error, see :func:`~tfqat.quant.quantizers.mse_scale` — what a pretrained
-    model with activation outliers needs) over all ``batches`` at once (one forward on their
-    concatenation, with the recipe's token bits; layer by layer, so each layer calibrates on
-    inputs already quantized upstream); weight scales take the per-channel clip that minimises
-    the squared rounding error (``weight_mse=False``: the LSQ init instead). Re-calibrating
+    least squared error, see :func:`~tfqat.quant.quantizers.mse_scale` — what a pretrained model
+    with activation outliers needs) over all ``batches`` at once (one forward on their
+    concatenation, with the recipe's token bits and the weights already quantized; layer by
+    layer, so each layer calibrates on inputs already quantized upstream). Re-calibrating
     overwrites earlier scales.
 
     Args:
@@ -159,25 +183,37 @@ def calibrate(student: keras.Model, batches: Iterable, weight_mse: bool = True, 
     if not xs:
         raise ValueError("calibrate: no batches; pass at least one (inputs, targets) batch")
     x = tf.concat([tf.convert_to_tensor(b, tf.int32) for b in xs], axis=0)
-    qs = quantizers(student).values()
-    for q in qs:
-        q.initialized.assign(False)
-        if isinstance(q, ActQuantizer):
-            q.calib_override = act_init
-    try:
-        student(x, training=True, token_bits=student.token_bits)  # stores every data init
-    finally:
-        for q in qs:
-            if isinstance(q, ActQuantizer):
-                q.calib_override = None
-    if weight_mse:
+    recipe = getattr(student, "recipe", None)
+    if recipe is not None and recipe.smooth is not None and not getattr(student, "smoothed", False):
+        from tfqat.quant.smooth import smooth_student
+
+        smooth_student(student, [x], recipe.smooth)
+        student.smoothed = True
+    all_q = quantizers(student)
+    act_qs = [q for q in all_q.values() if isinstance(q, ActQuantizer)]
+    if recipe is not None and recipe.weight_init == "gptq":
+        from tfqat.quant.gptq import gptq_student
+
+        gptq_student(student, [x], progress=progress)
+    else:
         for block in student.blocks:
             for linear in block.linears().values():
                 wq = linear.weight_quantizer
-                if wq is not None:
-                    s = _mse_weight_scale(tf.convert_to_tensor(linear.kernel), wq.spec.bits,
-                                          wq.spec.granularity == "channel")
-                    wq.scale.assign(tf.reshape(s, wq.scale.shape))
+                if wq is None:
+                    continue
+                kernel = tf.convert_to_tensor(linear.kernel)
+                s = (mse_weight_scale(wq, kernel) if weight_mse
+                     else tf.reshape(wq._init_values(tf.cast(kernel, tf.float32))[0], wq.scale.shape))
+                wq.scale.assign(tf.reshape(s, wq.scale.shape))
+                wq.initialized.assign(True)
+    for q in act_qs:
+        q.initialized.assign(False)
+        q.calib_override = act_init
+    try:
+        student(x, training=True, token_bits=student.token_bits)  # stores every activation init
+    finally:
+        for q in act_qs:
+            q.calib_override = None
 
 
 # -- size ------------------------------------------------------------------------------------
@@ -218,11 +254,15 @@ def model_size_bytes(cfg, recipe: Optional[RecipeLike] = None) -> dict:
         proj_bytes, scale_bytes = 4 * proj_params, 0
     else:
         proj_bytes = sum(math.ceil(i * o * recipe.w_bits / 8) for i, o, _ in projs)
-        scale_bytes = 4 * (sum(o for _, o, _ in projs) if recipe.weight_granularity == "channel" else len(projs))
+        g = recipe.weight_group_size
+        if g:
+            scale_bytes = 4 * sum(o * -(-i // g) for i, o, _ in projs)
+        else:
+            scale_bytes = 4 * (sum(o for _, o, _ in projs) if recipe.weight_granularity == "channel" else len(projs))
         per_point = 0
-        for rule in ACT_SLOTS.values():
-            q = SLOT_RULES[rule](recipe)
-            if q is not None:
+        for point, rule in ACT_SLOTS.items():
+            q = SLOT_RULES[rule](recipe, point)
+            if q is not None and q.spec.granularity != "token":
                 per_point += 4 * (1 + q.spec.adaptive + q.spec.asymmetric)
         scale_bytes += per_point * cfg.layers
     assert bias_params <= float_params

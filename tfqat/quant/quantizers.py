@@ -112,14 +112,23 @@ class WeightQuantSpec:
 
     bits: int = 4
     granularity: str = "channel"
+    group_size: int = 0  # > 0 with granularity "group": one scale per output channel and G inputs
 
     def __post_init__(self) -> None:
         _check_bits("WeightQuantizer", "bits", self.bits)
-        if self.granularity not in ("channel", "tensor"):
+        if self.granularity not in ("channel", "tensor", "group"):
             raise ValueError(
                 f"WeightQuantizer: granularity={self.granularity!r} is unknown; "
-                f"use 'channel' (per output channel) or 'tensor'"
+                f"use 'channel' (per output channel), 'group' (with group_size) or 'tensor'"
             )
+        if (self.granularity == "group") != (self.group_size > 0):
+            raise ValueError(
+                f"WeightQuantizer: group_size={self.group_size} needs granularity='group' and a "
+                "positive multiple of 32 (the kernels' group unit), e.g. 32, 64 or 128"
+            )
+        if self.group_size % 32:
+            raise ValueError(f"WeightQuantizer: group_size={self.group_size} must be a multiple of 32 "
+                             "(the kernels' group unit); use 32, 64 or 128")
 
 
 @dataclass(frozen=True)
@@ -142,14 +151,15 @@ class ActQuantSpec:
 
     def __post_init__(self) -> None:
         _check_bits("ActQuantizer", "bits", self.bits)
-        if self.granularity not in ("tensor", "token"):
+        if self.granularity not in ("tensor", "token", "row"):
             raise ValueError(
                 f"ActQuantizer: granularity={self.granularity!r} is unknown; use 'tensor' "
-                f"(static learnable scale) or 'token' (dynamic max|x| per token)"
+                f"(static learnable scale), 'token' (dynamic max|x| per token) or 'row' (dynamic "
+                f"max|x| over the last axis only, e.g. per head and query for probabilities)"
             )
         if self.init not in (None, "lsq", "minmax"):
             raise ValueError(f"ActQuantizer: init={self.init!r} is unknown; use 'lsq' or 'minmax'")
-        if self.asymmetric and self.granularity == "token":
+        if self.asymmetric and self.granularity != "tensor":
             raise ValueError(
                 "ActQuantizer: asymmetric=True needs granularity='tensor'; the kernels' dynamic "
                 "per-token mode is symmetric"
@@ -258,51 +268,80 @@ class _LazyInit(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="tfqat")
 class WeightQuantizer(_LazyInit):
-    """Symmetric LSQ weight quantizer for a kernel ``[in, out]`` (per output channel = last axis).
+    """Symmetric LSQ weight quantizer for a kernel ``[in, out]``: one scale per output channel
+    (last axis), per tensor, or per output channel and group of ``group_size`` inputs (the
+    llama.cpp Q4_0 / GPTQ-g128 layout; the last group of an ``in`` that ``group_size`` does not
+    divide is shorter).
 
     Example:
         >>> wq = WeightQuantizer(bits=4)
         >>> w_hat = wq(tf.random.normal([16, 8]), training=True)
         >>> codes, scales = wq.export(tf.random.normal([16, 8]))  # int8 [8, 16], float32 [8]
+        >>> WeightQuantizer(4, "group", 32).export(tf.random.normal([40, 8]))[1].shape
+        (8, 2)
     """
 
-    def __init__(self, bits: int = 4, granularity: str = "channel", **kwargs: Any) -> None:
+    def __init__(self, bits: int = 4, granularity: str = "channel", group_size: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.spec = WeightQuantSpec(bits=bits, granularity=granularity)
+        self.spec = WeightQuantSpec(bits=bits, granularity=granularity, group_size=group_size)
         self.qmin, self.qmax = qrange(self.spec.bits, True)
 
+    def groups(self, k: int) -> int:
+        """Groups along an input axis of ``k`` (1 unless grouped)."""
+        return -(-k // self.spec.group_size) if self.spec.group_size else 1
+
     def build(self, input_shape) -> None:
-        shape = (int(input_shape[-1]),) if self.spec.granularity == "channel" else ()
+        k, n = int(input_shape[-2]), int(input_shape[-1])
+        shape = {"channel": (n,), "tensor": (), "group": (self.groups(k), n)}[self.spec.granularity]
         self.scale = self.add_weight(name="scale", shape=shape, initializer="ones", trainable=True)
         self._make_flag()
-        numel = math.prod(int(d) for d in input_shape)
-        if self.spec.granularity == "channel":
-            numel //= int(input_shape[-1])
+        numel = {"channel": k, "tensor": k * n, "group": min(k, self.spec.group_size)}[self.spec.granularity]
         self._grad_scale = 1.0 / math.sqrt(numel * self.qmax)
 
-    def _reduce_axes(self, w: tf.Tensor):
-        return list(range(w.shape.rank - 1)) if self.spec.granularity == "channel" else None
+    def _grouped(self, w: tf.Tensor) -> tf.Tensor:
+        """``[K, N]`` -> ``[ng, G, N]``, zero-padded along K (padding quantizes to 0 and is cut)."""
+        g, k = self.spec.group_size, int(w.shape[0])
+        pad = self.groups(k) * g - k
+        if pad:
+            w = tf.pad(w, [[0, pad], [0, 0]])
+        return tf.reshape(w, (self.groups(k), g, int(w.shape[-1])))
 
     def _init_values(self, w: tf.Tensor) -> list[tf.Tensor]:
-        mean_abs = tf.reduce_mean(tf.abs(w), axis=self._reduce_axes(w))
+        if self.spec.granularity == "group":
+            k = int(w.shape[0])
+            mean_abs = tf.reduce_sum(tf.abs(self._grouped(w)), axis=1)  # (ng, N)
+            sizes = tf.constant([min(self.spec.group_size, k - i * self.spec.group_size)
+                                 for i in range(self.groups(k))], tf.float32)
+            mean_abs = mean_abs / sizes[:, None]
+        else:
+            axes = list(range(w.shape.rank - 1)) if self.spec.granularity == "channel" else None
+            mean_abs = tf.reduce_mean(tf.abs(w), axis=axes)
         return [2.0 * mean_abs / math.sqrt(self.qmax)]
 
     def _quantize(self, kernel, training) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         w = tf.cast(tf.convert_to_tensor(kernel), tf.float32)
         (raw,) = self._state(lambda: self._init_values(w), [self.scale], training)
         s = _positive(raw)
-        w_hat, codes = fake_quant(w, s, self.qmin, self.qmax, self._grad_scale)
-        return w_hat, codes, s
+        if self.spec.granularity != "group":
+            w_hat, codes = fake_quant(w, s, self.qmin, self.qmax, self._grad_scale)
+            return w_hat, codes, s
+        k = int(w.shape[0])
+        w_hat, codes = fake_quant(self._grouped(w), s[:, None, :], self.qmin, self.qmax, self._grad_scale)
+        flat = lambda t: tf.reshape(t, (-1, t.shape[-1]))[:k]  # noqa: E731  (ng*G, N) -> (K, N)
+        return flat(w_hat), flat(codes), s
 
     def call(self, kernel, training=None):
         w_hat, _, _ = self._quantize(kernel, bool(training))
         return tf.cast(w_hat, kernel.dtype)
 
     def export(self, kernel) -> tuple[np.ndarray, np.ndarray]:
-        """Integer codes ``[out, in]`` (one row per output channel) and float32 scales ``[out]``.
+        """Integer codes ``[out, in]`` (one row per output channel) and float32 scales ``[out]``
+        (``[out, ceil(in / group_size)]`` when grouped).
 
         Codes are int8 for bits <= 8 (int4 values stay in ``[-8, 7]``; packing is the
-        exporter's) and int16 at 16 bits. ``codes.T * scales`` equals ``call(kernel)`` exactly.
+        exporter's) and int16 at 16 bits. Dequantizing codes with their scales equals
+        ``call(kernel)`` exactly.
         """
         if len(kernel.shape) != 2:
             raise ValueError(
@@ -312,7 +351,8 @@ class WeightQuantizer(_LazyInit):
             self.build(kernel.shape)
         _, codes, s = self._quantize(kernel, False)
         out = int(kernel.shape[-1])
-        scales = np.broadcast_to(s.numpy().astype(np.float32), (out,)).copy()
+        s = s.numpy().astype(np.float32)
+        scales = s.T.copy() if self.spec.granularity == "group" else np.broadcast_to(s, (out,)).copy()
         return codes.numpy().T.astype(_code_dtype(self.spec.bits, True)), scales
 
     def get_config(self) -> dict:
@@ -399,14 +439,20 @@ class ActQuantizer(_LazyInit):
                 values.append(stat / float(qp))
         return values
 
-    def _quantize(self, x, bits, training) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    def _quantize(self, x, bits, training, token_axis=None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         spec = self.spec
         x = tf.cast(x, tf.float32)
         high = self._high_mask(x, bits)
         qmin = tf.where(high, float(self.hi[0]), float(self.lo[0]))
         qmax = tf.where(high, float(self.hi[1]), float(self.lo[1]))
-        if spec.granularity == "token":
-            peak = tf.reduce_max(tf.abs(x), axis=-1, keepdims=True)
+        if spec.granularity != "tensor":
+            # "token": one scale per token over every other axis but batch, what TFQAT_QUANTIZE
+            # and the attention kernels' per-position scales compute ([B, H, T, D] -> [B, 1, T, 1]);
+            # "row": over the last axis only ([B, H, T, S] -> [B, H, T, 1])
+            axes = [a for a in range(1, x.shape.rank) if a != (token_axis or x.shape.rank - 2) % x.shape.rank]
+            if spec.granularity == "row":
+                axes = [x.shape.rank - 1]
+            peak = tf.reduce_max(tf.abs(x), axis=axes or [-1], keepdims=True)
             s = tf.stop_gradient(tf.where(peak > 0, peak / qmax, tf.ones_like(peak / qmax)))
             x_hat, codes = fake_quant(x, s, qmin, qmax, 0.0)
             return x_hat, codes, s, tf.zeros([])
@@ -427,8 +473,10 @@ class ActQuantizer(_LazyInit):
         x_hat, codes = fake_quant(x, s, qmin, qmax, g, z)
         return x_hat, codes, s, (tf.zeros([]) if z is None else z)
 
-    def call(self, x, bits=None, training=None):
-        x_hat, _, _, _ = self._quantize(x, bits, bool(training))
+    def call(self, x, bits=None, training=None, token_axis=None):
+        """``token_axis``: where tokens are in ``x`` (default: the second to last axis, i.e.
+        ``[..., T, C]``); a dynamic quantizer takes one scale per token over all other axes."""
+        x_hat, _, _, _ = self._quantize(x, bits, bool(training), token_axis)
         return tf.cast(x_hat, x.dtype)
 
     def initialize(self, x, bits=None) -> None:
@@ -442,7 +490,7 @@ class ActQuantizer(_LazyInit):
                 var.assign(tf.reshape(value, var.shape))
         self.initialized.assign(True)
 
-    def codes(self, x, bits=None) -> tuple[np.ndarray, np.ndarray]:
+    def codes(self, x, bits=None, token_axis=None) -> tuple[np.ndarray, np.ndarray]:
         """Integer codes of ``x`` and the scale per element (broadcastable), as a kernel sees them.
 
         Inference-mode math, so ``(codes - zero_point) * scale`` equals ``call(x)`` exactly.
@@ -450,7 +498,7 @@ class ActQuantizer(_LazyInit):
         x = tf.convert_to_tensor(x)
         if not self.built:
             self.build(x.shape)
-        _, codes, s, _ = self._quantize(x, bits, False)
+        _, codes, s, _ = self._quantize(x, bits, False, token_axis)
         return codes.numpy().astype(_code_dtype(self.spec.bits, self.spec.signed)), s.numpy()
 
     def export(self) -> dict:
@@ -469,7 +517,7 @@ class ActQuantizer(_LazyInit):
         }
         if spec.adaptive:
             out["low_bits"] = spec.low_bits
-        if spec.granularity == "token":
+        if spec.granularity != "tensor":
             return out
         if not self.built or not bool(self.initialized.numpy()):
             raise ValueError(

@@ -17,6 +17,16 @@ Named recipes (:data:`RECIPES`)::
                                                                    same-weights rival of w4a4-8)
     w4a16    4        float               float             float (weights only)
 
+Recipes for pretrained models (the ``-dyn`` family, README "Real models"): activations at
+attn_in, q, k, o_proj's input, mlp_in and mlp_act take per-token dynamic scales (``max|row| /
+qmax`` at run time; V keeps a static scale, the KV cache's V groups have one scale each), and
+SmoothQuant factors are folded into the norms / v_proj / up_proj before calibration::
+
+    name         weights                      activations              init
+    w8a8-dyn     8 per channel                8 dynamic                RTN (MSE clip)
+    w4a8-dyn     4, groups of 32 along K      8 dynamic                GPTQ
+    w4a4-8-dyn   4, groups of 32 along K      8/4 token-adaptive dyn.  GPTQ
+
 Custom recipes come from a dict or a YAML file with the same keys as :class:`Recipe`.
 
 Example:
@@ -69,6 +79,15 @@ class Recipe:
         rho: fraction of tokens kept at the high bit width when adaptive.
         weight_granularity: ``'channel'`` or ``'tensor'``.
         act_asymmetric: LSQ+ zero point on static activation quantizers (not with adaptive).
+        weight_group_size: > 0: one weight scale per output channel and this many inputs (a
+            multiple of 32; the kernels' grouped QLINEAR), instead of ``weight_granularity``.
+        dynamic: activation points with per-token dynamic scales (``max|row| / qmax`` at run
+            time), from :data:`DYNAMIC_POINTS`; naming ``o_in`` also quantizes o_proj's input
+            (8-bit at most, never token-adaptive), which is float otherwise.
+        smooth: SmoothQuant migration strength alpha in (0, 1], folded into the float model
+            before calibration (:mod:`tfqat.quant.smooth`); ``None`` = off.
+        weight_init: ``"rtn"`` (least-squares clip per scale) or ``"gptq"`` (second-order
+            rounding on calibration data, :mod:`tfqat.quant.gptq`) for the initial weights.
     """
 
     name: str
@@ -81,8 +100,13 @@ class Recipe:
     rho: float = 0.5
     weight_granularity: str = "channel"
     act_asymmetric: bool = False
+    weight_group_size: int = 0
+    dynamic: tuple = ()
+    smooth: Optional[float] = None
+    weight_init: str = "rtn"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dynamic", tuple(self.dynamic or ()))
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
             raise RecipeError(f"recipe name {self.name!r} must be a non-empty string without '/'")
         for key in ("w_bits", "a_bits", "kv_bits", "probs_bits"):
@@ -90,6 +114,30 @@ class Recipe:
         if self.weight_granularity not in ("channel", "tensor"):
             raise RecipeError(f"recipe {self.name!r}: weight_granularity={self.weight_granularity!r}"
                               " is unknown; use 'channel' or 'tensor'")
+        g = self.weight_group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0 or g % 32:
+            raise RecipeError(f"recipe {self.name!r}: weight_group_size={g!r} must be 0 (per channel) or a "
+                              "positive multiple of 32 (the grouped kernels' unit), e.g. 32, 64, 128")
+        bad = [p for p in self.dynamic if p not in DYNAMIC_POINTS]
+        if bad:
+            why = (" (the attention kernels take one V scale per bit group, so V cannot be dynamic)"
+                   if bad[0] == "v" else "")
+            raise RecipeError(f"recipe {self.name!r}: dynamic point {bad[0]!r} is not supported{why}; "
+                              f"use any of {', '.join(DYNAMIC_POINTS)}")
+        if self.dynamic and self.act_asymmetric:
+            raise RecipeError(f"recipe {self.name!r}: dynamic per-token scales are symmetric; set "
+                              "act_asymmetric: false")
+        if self.dynamic and self.a_bits is None:
+            raise RecipeError(f"recipe {self.name!r}: dynamic points need quantized activations (a_bits)")
+        if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float))
+                                        or not 0 < self.smooth <= 1):
+            raise RecipeError(f"recipe {self.name!r}: smooth={self.smooth!r} must be a SmoothQuant alpha "
+                              "in (0, 1] (0.5 is the paper's) or null")
+        if self.weight_init not in ("rtn", "gptq"):
+            raise RecipeError(f"recipe {self.name!r}: weight_init={self.weight_init!r} is unknown; "
+                              "use 'rtn' or 'gptq'")
+        if self.weight_init == "gptq" and self.w_bits is None:
+            raise RecipeError(f"recipe {self.name!r}: weight_init gptq needs quantized weights (w_bits)")
         if self.adaptive:
             _check_bits(self.name, "low_bits", self.low_bits, allow_none=False)
             if self.a_bits is None or not self.low_bits < self.a_bits <= 8:
@@ -119,7 +167,9 @@ class Recipe:
         return self.rho * self.a_bits + (1 - self.rho) * self.low_bits if self.adaptive else float(self.a_bits)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["dynamic"] = list(self.dynamic)
+        return d
 
     def describe(self) -> str:
         def b(v):
@@ -127,9 +177,19 @@ class Recipe:
 
         acts = (f"{self.a_bits}/{self.low_bits}-bit token-adaptive (rho {self.rho:g})" if self.adaptive
                 else b(self.a_bits))
-        return (f"weights {b(self.w_bits)} ({self.weight_granularity}), activations {acts}, "
-                f"KV cache {b(self.kv_bits)}{' adaptive' if self.adaptive else ''}, probs {b(self.probs_bits)}")
+        wg = f"groups of {self.weight_group_size}" if self.weight_group_size else self.weight_granularity
+        extra = "".join([f", dynamic per-token at {'/'.join(self.dynamic)}" if self.dynamic else "",
+                         f", SmoothQuant alpha {self.smooth:g}" if self.smooth is not None else "",
+                         ", GPTQ init" if self.weight_init == "gptq" else ""])
+        return (f"weights {b(self.w_bits)} ({wg}), activations {acts}, "
+                f"KV cache {b(self.kv_bits)}{' adaptive' if self.adaptive else ''}, probs {b(self.probs_bits)}"
+                + extra)
 
+
+# Points that may take per-token dynamic scales: every one the kernels quantize per row (V's
+# cache rows share one scale per bit group; probabilities have a fixed range).
+DYNAMIC_POINTS = ("attn_in", "q", "k", "o_in", "mlp_in", "mlp_act")
+_DYN = DYNAMIC_POINTS
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -141,6 +201,11 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w6a6", w_bits=6, a_bits=6, kv_bits=6),
         Recipe("w4a6", w_bits=4, a_bits=6, kv_bits=6),
         Recipe("w4a16", w_bits=4, a_bits=None, kv_bits=None, probs_bits=None),
+        Recipe("w8a8-dyn", w_bits=8, a_bits=8, kv_bits=8, dynamic=_DYN, smooth=0.5),
+        Recipe("w4a8-dyn", w_bits=4, a_bits=8, kv_bits=8, dynamic=_DYN, smooth=0.5,
+               weight_group_size=32, weight_init="gptq"),
+        Recipe("w4a4-8-dyn", w_bits=4, a_bits=8, kv_bits=8, adaptive=True, low_bits=4, rho=0.5,
+               dynamic=_DYN, smooth=0.5, weight_group_size=32, weight_init="gptq"),
     )
 }
 

@@ -254,6 +254,25 @@ def ref_qlinear(codes, xs, w, ws, bias=None):
     return y + bias if bias is not None else y
 
 
+def ref_qlinear_grouped(codes, xs, w, ws, group_size, bias=None):
+    """TFQAT_QLINEAR with group_size G (OPS.md), in float32 only: an exact integer sum per group of
+    G inputs, then ``s = s + float32(acc_g) * ws[:, g]`` from s = 0 in group order, then ``* xs``,
+    then ``+ bias``."""
+    s = np.zeros((codes.shape[0], w.shape[0]), np.float32)
+    for g, lo in enumerate(range(0, codes.shape[1], group_size)):
+        hi = lo + group_size
+        acc = codes[:, lo:hi].astype(np.int64) @ w[:, lo:hi].astype(np.int64).T
+        s = s + acc.astype(np.float32) * ws[None, :, g]
+    y = s * xs[:, None]
+    return y + bias if bias is not None else y
+
+
+def assert_same_bits(got, want, err_msg=""):
+    """Bit-exact float32 equality (assert_array_equal alone takes -0.0 for +0.0)."""
+    assert got.dtype == want.dtype == np.float32, (got.dtype, want.dtype)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=err_msg)
+
+
 def ref_topk(importance, rho):
     t = importance.shape[0]
     n8 = int(min(max(np.floor(float(np.float32(rho)) * t + 0.5), 0), t))
@@ -346,11 +365,13 @@ def test_select_bits_topk_and_threshold(lib):
     np.testing.assert_array_equal(out["bits"], np.where(imp >= thr[0], 8, 4))
 
 
-def qlinear_graph(t, k, n, w_bits, act_mode, bias, rng, const_w=True, attrs=None):
-    """A TFQAT_QLINEAR model and the reference output for random inputs."""
+def qlinear_graph(t, k, n, w_bits, act_mode, bias, rng, const_w=True, attrs=None, group_size=0):
+    """A TFQAT_QLINEAR model and the reference output for random inputs (group_size > 0: one
+    weight scale per output channel and group of group_size inputs)."""
     w = rng.integers(-8, 8 if w_bits == 4 else 128, size=(n, k)).astype(np.int8)
     w_store = pack_int4(w) if w_bits == 4 else w
-    ws = (rng.random(n) * 0.05 + 0.01).astype(np.float32)
+    ws_shape = (n, -(-k // group_size)) if group_size else n
+    ws = (rng.random(ws_shape) * 0.05 + 0.01).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32) if bias else None
     x = (rng.standard_normal((t, k)) * 2).astype(np.float32)
     bits = rand_bits(rng, t)
@@ -368,9 +389,14 @@ def qlinear_graph(t, k, n, w_bits, act_mode, bias, rng, const_w=True, attrs=None
     if bias:
         ins.append(g.const("bias", b))
     y = g.tensor("y", np.float32, [t, n])
-    g.op("TFQAT_QLINEAR", ins, [y],
-         attrs if attrs is not None else {"w_bits": w_bits, "k": k, "act_mode": act_mode})
+    if attrs is None:
+        attrs = {"w_bits": w_bits, "k": k, "act_mode": act_mode}
+        if group_size:
+            attrs["group_size"] = group_size
+    g.op("TFQAT_QLINEAR", ins, [y], attrs)
     codes, xs = ref_quantize(x, bits, act if act_mode == 0 else None)
+    if group_size:
+        return g.build([y]), feeds, ref_qlinear_grouped(codes, xs, w, ws, group_size, b)
     return g.build([y]), feeds, ref_qlinear(codes, xs, w, ws, b)
 
 
@@ -383,6 +409,74 @@ def test_qlinear(lib, isa, w_bits, act_mode, t, k, n, bias):
     model, feeds, want = qlinear_graph(t, k, n, w_bits, act_mode, bias, rng)
     _, out = run(model, lib, feeds, {"isa": isa} if isa else None)
     np.testing.assert_array_equal(out["y"], want)
+
+
+@pytest.mark.parametrize("isa", [None] + ALL_ISAS)
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("act_mode", [0, 1])
+@pytest.mark.parametrize("t,k,n,group_size,bias", [
+    (1, 576, 40, 32, True),    # decode at SmolLM2's K: 18 whole groups
+    (3, 37, 19, 32, False),    # odd K: a whole group and a partial one
+    (17, 130, 70, 64, True),   # K not a multiple of G; N past a 64-channel panel
+    (5, 100, 33, 128, True),   # K < G: one partial group
+    (2, 64, 8, 64, False),     # K exactly G
+    (33, 257, 17, 32, True),   # 9 groups, the last holding one input
+])
+def test_qlinear_grouped(lib, isa, w_bits, act_mode, t, k, n, group_size, bias):
+    rng = np.random.default_rng(t * 1000 + k + group_size)
+    model, feeds, want = qlinear_graph(t, k, n, w_bits, act_mode, bias, rng, group_size=group_size)
+    _, out = run(model, lib, feeds, {"isa": isa} if isa else None)
+    assert_same_bits(out["y"], want)
+
+
+def test_qlinear_grouped_reference_is_not_the_per_channel_formula():
+    """The grouped epilogue differs from float(acc) * (xs * ws) even with one group, and the
+    reference tells them apart on these inputs (so the delegate tests above can fail)."""
+    rng = np.random.default_rng(21)
+    codes = rng.integers(-128, 128, size=(16, 64)).astype(np.int8)
+    w = rng.integers(-8, 8, size=(24, 64)).astype(np.int8)
+    xs = (rng.random(16) * 0.1 + 0.001).astype(np.float32)
+    ws = (rng.random((24, 1)) * 0.05 + 0.01).astype(np.float32)
+    one_group = ref_qlinear_grouped(codes, xs, w, ws, 64)
+    assert not np.array_equal(one_group, ref_qlinear(codes, xs, w, ws[:, 0]))
+    ws2 = np.repeat(ws, 2, axis=1)  # the same scale on two groups of 32: another float order
+    assert not np.array_equal(ref_qlinear_grouped(codes, xs, w, ws2, 32), one_group)
+
+
+def test_qlinear_grouped_scales_as_graph_input(lib):
+    """Group scales that are graph inputs are reordered for the kernels at every Invoke."""
+    rng = np.random.default_rng(22)
+    t, k, n, group_size = 4, 70, 9, 32
+    w = rng.integers(-8, 8, size=(n, k)).astype(np.int8)
+    b = rng.standard_normal(n).astype(np.float32)
+    g = Graph()
+    ins = [g.input("x", np.float32, [t, k]), g.input("bits", np.int32, [t]),
+           g.const("act", np.array([-1.0, -1.0], np.float32)), g.const("w", pack_int4(w)),
+           g.input("w_scales", np.float32, [n, 3]), g.const("bias", b)]
+    y = g.tensor("y", np.float32, [t, n])
+    g.op("TFQAT_QLINEAR", ins, [y], {"w_bits": 4, "k": k, "act_mode": 1, "group_size": group_size})
+    interp = Interpreter(model_content=g.build([y]), experimental_delegates=[load_delegate(lib)])
+    interp.allocate_tensors()
+    idx = {d["name"]: d["index"] for d in interp.get_tensor_details()}
+    for step in range(2):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        bits = rand_bits(rng, t)
+        ws = (rng.random((n, 3)) * 0.05 + 0.01).astype(np.float32)
+        for name, value in (("x", x), ("bits", bits), ("w_scales", ws)):
+            interp.set_tensor(idx[name], value)
+        interp.invoke()
+        codes, xs = ref_quantize(x, bits)
+        assert_same_bits(interp.get_tensor(idx["y"]),
+                         ref_qlinear_grouped(codes, xs, w, ws, group_size, b), err_msg=f"step {step}")
+
+
+def test_qlinear_group_size_zero_is_per_channel(lib):
+    """An explicit group_size=0 is the default: one scale per output channel."""
+    rng = np.random.default_rng(23)
+    attrs = {"w_bits": 8, "k": 45, "act_mode": 0, "group_size": 0}
+    model, feeds, want = qlinear_graph(6, 45, 11, 8, 0, True, rng, attrs=attrs)
+    _, out = run(model, lib, feeds)
+    assert_same_bits(out["y"], want)
 
 
 def test_qlinear_weights_as_graph_input(lib):
@@ -698,7 +792,8 @@ def assert_matches(message: str, pattern: str):
 
 
 def qlinear_with(w=None, x_shape=(3, 10), ws_len=6, attrs=None) -> bytes:
-    """A TFQAT_QLINEAR model (N=6, K=10, w_bits=4) with one part swapped for a bad one."""
+    """A TFQAT_QLINEAR model (N=6, K=10, w_bits=4) with one part swapped for a bad one
+    (ws_len may be a shape tuple)."""
     g = Graph()
     xi = g.input("x", np.float32, x_shape)
     bi = g.input("bits", np.int32, [x_shape[0]])
@@ -720,6 +815,17 @@ def qlinear_with(w=None, x_shape=(3, 10), ws_len=6, attrs=None) -> bytes:
     ("missing_k", r"TFQAT_QLINEAR node 0: missing required attr k"),
     ("k_mismatch", r"TFQAT_QLINEAR node 0: input 0 \(x\) has K=10 but attr k=11"),
     ("k_type", r"TFQAT_QLINEAR node 0: attr k must be an int, got string"),
+    ("group_ws_rank", r"TFQAT_QLINEAR node 0: input 4 \(w_scales\) must be float32 "
+                      r"\[N=6, ceil\(K/G\)=1\] for group_size=32, got float32 \[6\](?![\d,])"),
+    ("group_ws_groups", r"TFQAT_QLINEAR node 0: input 4 \(w_scales\) must be float32 "
+                        r"\[N=6, ceil\(K/G\)=1\] for group_size=64, got float32 \[6, 2\](?![\d,])"),
+    ("group_ws_n", r"TFQAT_QLINEAR node 0: input 4 \(w_scales\) must be float32 "
+                   r"\[N=6, ceil\(K/G\)=1\] for group_size=32, got float32 \[5, 1\](?![\d,])"),
+    ("group_size_48", r"TFQAT_QLINEAR node 0: attr group_size must be 0 \(one scale per output "
+                      r"channel\) or a positive multiple of 32, got 48(?![\d,])"),
+    ("group_size_16", r"TFQAT_QLINEAR node 0: attr group_size must be 0 .* got 16(?![\d,])"),
+    ("group_size_neg", r"TFQAT_QLINEAR node 0: attr group_size must be 0 .* got -32(?![\d,])"),
+    ("group_size_type", r"TFQAT_QLINEAR node 0: attr group_size must be an int, got string"),
 ])
 def test_prepare_rejects(lib, case, pattern):
     kwargs = {
@@ -730,6 +836,13 @@ def test_prepare_rejects(lib, case, pattern):
         "missing_k": {"attrs": {"w_bits": 4}},
         "k_mismatch": {"attrs": {"w_bits": 4, "k": 11}},
         "k_type": {"attrs": {"w_bits": 4, "k": "ten"}},
+        "group_ws_rank": {"attrs": {"w_bits": 4, "k": 10, "group_size": 32}},
+        "group_ws_groups": {"attrs": {"w_bits": 4, "k": 10, "group_size": 64}, "ws_len": (6, 2)},
+        "group_ws_n": {"attrs": {"w_bits": 4, "k": 10, "group_size": 32}, "ws_len": (5, 1)},
+        "group_size_48": {"attrs": {"w_bits": 4, "k": 10, "group_size": 48}, "ws_len": (6, 1)},
+        "group_size_16": {"attrs": {"w_bits": 4, "k": 10, "group_size": 16}, "ws_len": (6, 1)},
+        "group_size_neg": {"attrs": {"w_bits": 4, "k": 10, "group_size": -32}, "ws_len": (6, 1)},
+        "group_size_type": {"attrs": {"w_bits": 4, "k": 10, "group_size": "32"}, "ws_len": (6, 1)},
     }[case]
     assert_matches(prepare_error(qlinear_with(**kwargs), lib), pattern)
 
@@ -911,3 +1024,115 @@ def test_tf_composite_converts_to_a_delegated_qlinear(lib):
     runner = interp.get_signature_runner()
     got = next(iter(runner(x=x, bits=bits).values()))
     np.testing.assert_array_equal(got, module(x, bits).numpy())
+
+
+@pytest.mark.parametrize("w_bits,act_mode,bias", [(4, 0, True), (8, 1, False)])
+def test_grouped_qlinear_op_converts_to_a_delegated_qlinear(lib, w_bits, act_mode, bias):
+    """tfqat.export.qlinear_op with group_size=G (the exporter's composite) comes out as one
+    TFQAT_QLINEAR with the group_size attr and [N, ceil(K/G)] scales, and the delegate reproduces
+    its TF body bit for bit; both equal the numpy reference."""
+    tf = pytest.importorskip("tensorflow")
+    from tfqat.export import qlinear_op
+
+    t, k, n, group_size = 5, 200, 12, 32  # 7 groups, the last of 8 inputs
+    ng = -(-k // group_size)
+    rng = np.random.default_rng(31 + w_bits)
+    w = rng.integers(-8, 8 if w_bits == 4 else 128, size=(n, k)).astype(np.int8)
+    act = np.array([0.03, 0.4], np.float32)
+    ws = (rng.random((n, ng)) * 0.05 + 0.01).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+
+    class Linear(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = tf.Variable(act)
+            self.w = tf.Variable(pack_int4(w) if w_bits == 4 else w)
+            self.ws = tf.Variable(ws)
+            self.bias = tf.Variable(b) if bias else None
+
+        @tf.function(input_signature=[tf.TensorSpec([t, k], tf.float32),
+                                      tf.TensorSpec([t], tf.int32)])
+        def __call__(self, x, bits):
+            return qlinear_op(x, bits, self.act, self.w, self.ws, self.bias, w_bits=w_bits, k=k,
+                              act_mode=act_mode, group_size=group_size)
+
+    module = Linear()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.__call__.get_concrete_function()], module)
+    converter.allow_custom_ops = True
+    model = converter.convert()
+
+    parsed = schema.ModelT.InitFromPackedBuf(model, 0)
+    sub = parsed.subgraphs[0]
+    (op,) = sub.operators
+    assert parsed.operatorCodes[op.opcodeIndex].customCode == b"TFQAT_QLINEAR"
+    assert flexbuffers.Loads(bytes(op.customOptions)) == {
+        "act_mode": act_mode, "k": k, "w_bits": w_bits, "group_size": group_size}
+    assert list(sub.tensors[op.inputs[4]].shape) == [n, ng]
+    assert len(op.inputs) == (6 if bias else 5)
+
+    x = (rng.standard_normal((t, k)) * 2).astype(np.float32)
+    bits = rand_bits(rng, t)
+    interp = Interpreter(model_content=model, experimental_delegates=[load_delegate(lib)])
+    got = next(iter(interp.get_signature_runner()(x=x, bits=bits).values()))
+    codes, xs = ref_quantize(x, bits, act if act_mode == 0 else None)
+    assert_same_bits(module(x, bits).numpy(), ref_qlinear_grouped(codes, xs, w, ws, group_size,
+                                                                  b if bias else None))
+    assert_same_bits(got, module(x, bits).numpy())
+
+
+def _wide_range_grouped_case():
+    """20 groups with scales of both signs spanning many binades (where any other summation
+    order than the contract's shows) and signed-zero products (0.0 + -0.0 is +0.0)."""
+    t, k, n, group_size = 9, 640, 24, 32
+    rng = np.random.default_rng(32)
+    w = rng.integers(-8, 8, size=(n, k)).astype(np.int8)
+    ws = (np.exp2(rng.uniform(-20, 4, size=(n, k // group_size))) *
+          rng.choice([-1.0, 1.0], size=(n, k // group_size))).astype(np.float32)
+    ws[::3, 0] = 0.0
+    ws[1] = -np.abs(ws[1])
+    x = (rng.standard_normal((t, k)) * 2).astype(np.float32)
+    x[0] = 0.0  # a zero row: every product is a signed zero, -0.0 on all of channel 1
+    bits = rand_bits(rng, t)
+    act = np.array([0.03, 0.4], np.float32)
+    codes, xs = ref_quantize(x, bits, act)
+    want = ref_qlinear_grouped(codes, xs, w, ws, group_size)
+    # A sum started from the first product instead of 0.0 keeps -0.0 where the contract has
+    # +0.0: the case tells the two apart.
+    prods = [(codes[:, lo:lo + group_size].astype(np.int64) @
+              w[:, lo:lo + group_size].astype(np.int64).T).astype(np.float32) * ws[None, :, g]
+             for g, lo in enumerate(range(0, k, group_size))]
+    alt = prods[0]
+    for p in prods[1:]:
+        alt = alt + p
+    assert (np.signbit(alt * xs[:, None]) != np.signbit(want)).any()
+    return t, k, n, group_size, w, ws, x, bits, act, want
+
+
+@pytest.mark.parametrize("isa", [None] + ALL_ISAS)
+def test_qlinear_grouped_keeps_the_contract_order(lib, isa):
+    t, k, n, group_size, w, ws, x, bits, act, want = _wide_range_grouped_case()
+    g = Graph()
+    ins = [g.input("x", np.float32, [t, k]), g.input("bits", np.int32, [t]), g.const("act", act),
+           g.const("w", pack_int4(w)), g.const("ws", ws)]
+    y = g.tensor("y", np.float32, [t, n])
+    g.op("TFQAT_QLINEAR", ins, [y], {"w_bits": 4, "k": k, "group_size": group_size})
+    _, out = run(g.build([y]), lib, {"x": x, "bits": bits}, {"isa": isa} if isa else None)
+    assert_same_bits(out["y"], want)
+
+
+def test_qlinear_op_grouped_body_keeps_the_contract_order():
+    """The TF body's float sum over groups follows the contract exactly, signed zeros included."""
+    tf = pytest.importorskip("tensorflow")
+    from tfqat.export import qlinear_op
+
+    t, k, n, group_size, w, ws, x, bits, act, want = _wide_range_grouped_case()
+
+    @tf.function(input_signature=[tf.TensorSpec([t, k], tf.float32), tf.TensorSpec([t], tf.int32)])
+    def run_op(x, bits):
+        return qlinear_op(x, bits, tf.constant(act), tf.constant(pack_int4(w)), tf.constant(ws),
+                          w_bits=4, k=k, group_size=group_size)
+
+    assert_same_bits(run_op(x, bits).numpy(), want)
+    with pytest.raises(ValueError, match="group_size=48 must be 0"):
+        qlinear_op(x, bits, act, pack_int4(w), ws, w_bits=4, k=k, group_size=48)

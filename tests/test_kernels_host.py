@@ -51,6 +51,8 @@ def test_kernels_host_ctest():
     for family in ("quantize", "qlinear", "attention", "gemm_float", "dispatch"):
         assert f"[{family}] tested: ref" in out
         assert re.search(rf"\[{family}\] \d+ checks, 0 failures", out), family
+    # The qlinear tester also ran its group-wise-scale (op 3g) cases.
+    assert re.search(r"\[qlinear\] \d+ cases per variant, [1-9]\d* of them with group-wise scales", out)
 
 
 def test_kernels_sanitized_ctest():

@@ -294,7 +294,7 @@ def test_bad_bits_one_line_error(bits):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"granularity": "row"}, "granularity"),
+        ({"granularity": "channel"}, "granularity"),
         ({"asymmetric": True, "granularity": "token"}, "asymmetric"),
         ({"adaptive": True, "bits": 16}, "adaptive"),
         ({"adaptive": True, "low_bits": 8}, "adaptive"),

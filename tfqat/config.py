@@ -118,7 +118,7 @@ class QATTrainConfig(TrainConfig):
     scales were calibrated for.
     """
 
-    steps: int = Field(400, ge=1)
+    steps: int = Field(400, ge=0)  # 0: no end-to-end training (calibration / block-wise only)
     lr: float = Field(2.5e-4, gt=0)
     warmup_steps: int = Field(40, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -137,6 +137,16 @@ class QATLossConfig(_Strict):
     extra_teachers: list[str] = []  # more FP teacher weight files; logits averaged with the run's
 
 
+class BlockwiseConfig(_Strict):
+    """Block-wise reconstruction before end-to-end QAT (:mod:`tfqat.blockwise`); 0 steps = off."""
+
+    steps_per_block: int = Field(0, ge=0)  # optimizer steps per decoder block
+    sequences: int = Field(64, ge=1)  # cached calibration sequences of data.seq_len training tokens
+    batch_size: int = Field(4, ge=1)  # sequences per block step
+    lr: float = Field(1e-4, gt=0)  # latent weights and norms (AdamW)
+    scale_lr: float = Field(1e-5, ge=0)  # quantizer scales (Adam); scales are ~1e-3, Adam steps are lr-sized
+
+
 class QATConfig(_Strict):
     """Quantization-aware training of the student: recipe, schedule, losses, calibration."""
 
@@ -149,6 +159,7 @@ class QATConfig(_Strict):
     # squared error clip: what a pretrained model with activation outliers needs)
     act_calibration: Literal["lsq", "mse"] = "lsq"
     ptq_recipes: list[str] = ["w8a8", "w4a8", "w4a4-8", "w4a4"]  # RTN rows of the report
+    blockwise: BlockwiseConfig = BlockwiseConfig()
 
     @model_validator(mode="after")
     def _recipes(self) -> "QATConfig":

@@ -24,7 +24,9 @@ RUNTIME_KEYS = frozenset({"strategy"})
 
 # Keys added after runs existed: left out of fingerprints while at these values (what every earlier
 # run did), so upgrading never invalidates a cached stage.
-NEUTRAL_DEFAULTS = {"act_calibration": "lsq"}
+NEUTRAL_DEFAULTS = {"act_calibration": "lsq",
+                    "blockwise": {"steps_per_block": 0, "sequences": 64, "batch_size": 4, "lr": 1e-4,
+                                  "scale_lr": 1e-5}}
 
 
 def _semantic(obj):

@@ -10,6 +10,9 @@
 //   w4a8, w4a4           qlinear_w4 with all tokens 8-bit / 4-bit
 //   w4a48_r25/_r50/_r75  qlinear_w4, the top rho of tokens 8-bit, the rest 4-bit
 //   w4a8_dyn             quantize_rows (dynamic scales) + qlinear_w4: float in, float out
+// and at SmolLM2-135M layer shapes (smollm2/...), per-channel beside group-wise weight scales:
+//   w4a8, w8a8           qlinear_w4 / qlinear_w8 (one scale per output channel)
+//   w4a8_g<G>, w8a8_g<G> qlinear_w4_grouped / qlinear_w8_grouped, G = 32, 64, 128
 // With --isa all, every non-reference table runs, plus two W4A4 GEMV candidate multipliers
 // (cand_mkmp_vpmulld_w4a4, cand_widen_vpmaddwd_w4a4; checked exact before timing).
 #include <algorithm>
@@ -30,6 +33,7 @@ namespace {
 
 using tfqat::Isa;
 using tfqat::KernelTable;
+using tfqat::QLinearFn;
 
 struct Shape {
   const char* model;
@@ -150,6 +154,43 @@ void bench_table(const KernelTable* kt, const std::string& filter, int reps, std
           kt->quantize_rows(xf.data(), T, K, bits.data(), nullptr, codes.data(), scales.data());
           kt->qlinear_w4(codes.data(), scales.data(), bits.data(), T, K, p4.data(), ws.data(), bias.data(), N, y.data());
         }));
+      }
+    }
+  }
+}
+
+// Per-channel against group-wise scales (op 3g) on the same packed weights and codes.
+void bench_grouped(const KernelTable* kt, const std::string& filter, int reps, std::vector<Result>& out) {
+  const Shape shapes[] = {{"smollm2", 576, 576}, {"smollm2", 576, 192}, {"smollm2", 576, 1536}, {"smollm2", 1536, 576}};
+  for (const Shape& sh : shapes) {
+    for (int T : {1, 128}) {
+      const int K = sh.K, N = sh.N;
+      const std::string prefix = std::string(sh.model) + "/" + std::to_string(K) + "x" + std::to_string(N) + "/T" +
+                                 std::to_string(T) + "/";
+      auto wanted = [&](const std::string& v) { return filter.empty() || (prefix + v).find(filter) != std::string::npos; };
+      tfqat_bench::GemmData d(T, K, N);
+      std::vector<float> y(static_cast<size_t>(T) * N);
+      std::vector<uint8_t> bits(T, 8);
+      for (int wbits : {4, 8}) {
+        const std::string base = wbits == 4 ? "w4a8" : "w8a8";
+        Packed p(wbits == 4 ? kt->w4_packed_size(N, K) : kt->w8_packed_size(N, K));
+        const void* canonical = wbits == 4 ? static_cast<const void*>(d.w4.data()) : d.w8.data();
+        (wbits == 4 ? kt->w4_pack : kt->w8_pack)(canonical, N, K, p.data());
+        if (wanted(base)) {
+          const QLinearFn fn = wbits == 4 ? kt->qlinear_w4 : kt->qlinear_w8;
+          out.push_back(time_it(prefix + base, kt, T, K, N, reps, [&] {
+            fn(d.x8.data(), d.xs.data(), bits.data(), T, K, p.data(), d.ws.data(), d.bias.data(), N, y.data());
+          }));
+        }
+        for (int G : {32, 64, 128}) {
+          const std::string name = base + "_g" + std::to_string(G);
+          if (!wanted(name)) continue;
+          const std::vector<float> ws(static_cast<size_t>((K + G - 1) / G) * N, 0.02f);  // [ng][N]
+          const tfqat::QLinearGroupedFn fn = wbits == 4 ? kt->qlinear_w4_grouped : kt->qlinear_w8_grouped;
+          out.push_back(time_it(prefix + name, kt, T, K, N, reps, [&] {
+            fn(d.x8.data(), d.xs.data(), bits.data(), T, K, p.data(), G, ws.data(), d.bias.data(), N, y.data());
+          }));
+        }
       }
     }
   }
@@ -347,7 +388,10 @@ int main(int argc, char** argv) {
     tables.push_back(t);
   }
   std::vector<Result> results;
-  for (const KernelTable* kt : tables) bench_table(kt, filter, reps, results);
+  for (const KernelTable* kt : tables) {
+    bench_table(kt, filter, reps, results);
+    bench_grouped(kt, filter, reps, results);
+  }
   if (isa_arg == "all") bench_candidates(filter, reps, results);
 
   std::printf("%-40s %-11s %10s %10s %10s %9s\n", "case", "isa", "median_us", "p10_us", "p90_us", "GMAC/s");

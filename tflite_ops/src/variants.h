@@ -24,6 +24,12 @@ size_t w8_packed_size(int N, int K);
 void w8_pack(const void* canonical, int N, int K, void* packed);
 void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
                 const void* w_packed, const float* ws, const float* bias, int N, float* y);
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y);
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y);
 void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits,
              const float* ks, int Hkv, int S, int s_cap, float* scores);
 void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits,

@@ -13,7 +13,7 @@ namespace {
 
 bool complete(const tfqat::KernelTable* t) {
   return t->quantize_rows && t->w4_packed_size && t->w4_pack && t->qlinear_w4 && t->w8_packed_size && t->w8_pack &&
-         t->qlinear_w8 && t->attn_qk && t->attn_pv && t->f32_packed_size && t->f32_pack && t->gemm_f32 &&
+         t->qlinear_w8 && t->qlinear_w4_grouped && t->qlinear_w8_grouped && t->attn_qk && t->attn_pv && t->f32_packed_size && t->f32_pack && t->gemm_f32 &&
          t->f16_packed_size && t->f16_pack && t->gemm_f16;
 }
 

@@ -380,6 +380,18 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
         student = quantize_model(teacher, recipe)
         student.load_weights(str(weights))
         return student, {**json.loads(result_path.read_text()), "reused": True}
+    init_path, init_info = _initial_student(cfg, data, teacher, recipe, qat, progress)
+    t = qat.train
+    if t.steps == 0:  # post-training only: the calibrated (and block-wise reconstructed) student
+        student = quantize_model(teacher, recipe)
+        student.load_weights(str(init_path))
+        save_weights_atomic(student, weights)
+        write_json_atomic(stage / "recipe.json", recipe.to_dict())
+        result = {"recipe": recipe.name, "steps": 0, "final_loss": None, "tokens_per_s": 0.0,
+                  "wall_s": init_info["wall_s"], "resumed_from": None, "tokens_seen": 0,
+                  "teacher": str(teacher_path(cfg)), **init_info}
+        write_json_atomic(result_path, result)
+        return student, {**result, "reused": False}
     teachers = [teacher]
     for path in qat.losses.extra_teachers:
         from tfqat.models import build_model
@@ -387,18 +399,13 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
         extra = build_model(cfg.model, name=f"teacher_{len(teachers)}")
         extra.load_weights(path)
         teachers.append(extra)
-    calib_s = 0.0
 
     def build():  # under the strategy's scope (train_loop calls it there); teachers stay outside, frozen
-        nonlocal calib_s
         seed_everything(qat.train.seed)
         student = quantize_model(teacher, recipe)
-        t0 = time.perf_counter()
-        calibrate(student, calibration_batches(cfg, data, qat.calib_batches), act_init=qat.act_calibration)
-        calib_s = time.perf_counter() - t0
+        student.load_weights(str(init_path))
         return student, qat_loss(student, teachers, qat.losses)
 
-    t = qat.train
     res = train_loop(
         stage, build, None,
         lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
@@ -412,11 +419,69 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
     save_weights_atomic(student, weights)
     write_json_atomic(stage / "recipe.json", recipe.to_dict())
     result = {"recipe": recipe.name, "steps": res.steps, "final_loss": res.final_loss,
-              "tokens_per_s": res.tokens_per_s, "wall_s": res.wall_s, "calib_s": calib_s,
+              "tokens_per_s": res.tokens_per_s, "wall_s": res.wall_s + init_info["wall_s"], **init_info,
               "resumed_from": res.resumed_from, "tokens_seen": res.steps * t.batch_size * cfg.data.seq_len,
               "teacher": str(teacher_path(cfg))}
     write_json_atomic(result_path, result)
     return student, {**result, "reused": False}
+
+
+def _initial_student(cfg, data, teacher: keras.Model, recipe: Recipe, qat, progress: bool) -> tuple[Path, dict]:
+    """The student QAT starts from, written once to ``runs/<name>/init-<recipe>-<hash>/init.weights.h5``:
+    calibrated (SmoothQuant, GPTQ / MSE weights, activation scales) and, with
+    ``qat.blockwise.steps_per_block``, block-wise reconstructed. Shared by every QAT stage with the
+    same recipe and initialisation settings (an ablation's rows start from one init). Each part is a
+    resume point (``calibrated.weights.h5``, ``blockwise.weights.h5`` + ``blockwise/progress.json``),
+    so a kill costs at most one block. Returns the path and
+    ``{"calib_s", "blockwise_s", "wall_s", "blockwise"}``."""
+    from tfqat.config import config_to_dict
+    from tfqat.data import train_dataset
+    from tfqat.pipeline import _claim_stage_dir, fingerprint, write_json_atomic
+    from tfqat.training import save_weights_atomic
+
+    # calibration batches and block-wise sequences come from cfg (not the row's qat): rows that
+    # differ only in their end-to-end training share this init
+    fp = fingerprint(config_to_dict(cfg.model), cfg.data.seq_len, data.key, recipe.to_dict(), qat.calib_batches,
+                     qat.act_calibration, config_to_dict(qat.blockwise), cfg.qat.train.seed,
+                     cfg.qat.train.batch_size)
+    stage = cfg.run_dir / f"init-{recipe.name}-{fp[:8]}"
+    _claim_stage_dir(stage, fp, "calibrated student")
+    init, info_path = stage / "init.weights.h5", stage / "init.json"
+    if init.is_file() and info_path.is_file():
+        return init, json.loads(info_path.read_text())
+    stage.mkdir(parents=True, exist_ok=True)
+    student = quantize_model(teacher, recipe)
+    calibrated, calib_info = stage / "calibrated.weights.h5", stage / "calibrated.json"
+    if calibrated.is_file() and calib_info.is_file():
+        student.load_weights(str(calibrated))
+        calib_s = json.loads(calib_info.read_text())["calib_s"]
+    else:
+        t0 = time.perf_counter()
+        calibrate(student, calibration_batches(cfg, data, qat.calib_batches), act_init=qat.act_calibration,
+                  progress=progress)
+        calib_s = time.perf_counter() - t0
+        save_weights_atomic(student, calibrated)
+        write_json_atomic(calib_info, {"calib_s": calib_s})
+    info = {"calib_s": calib_s, "blockwise_s": 0.0, "blockwise": None}
+    bw = qat.blockwise
+    if bw.steps_per_block:
+        from tfqat.blockwise import reconstruct
+
+        bw_weights = stage / "blockwise.weights.h5"
+        if bw_weights.is_file():
+            student.load_weights(str(bw_weights))
+        tokens = next(iter(train_dataset(data.ids["train"], cfg.data.seq_len, bw.sequences,
+                                         cfg.qat.train.seed + 104729, 0, 1)))[0].numpy()
+        state = reconstruct(student, teacher, tokens, stage / "blockwise", bw.steps_per_block, bw.batch_size,
+                            bw.lr, bw.scale_lr, cfg.qat.train.seed, progress=progress,
+                            save=lambda m: save_weights_atomic(m, bw_weights))
+        info["blockwise_s"] = state["wall_s"]
+        info["blockwise"] = {"blocks": state["blocks"], "sequences": bw.sequences,
+                             "steps_per_block": bw.steps_per_block}
+    info["wall_s"] = info["calib_s"] + info["blockwise_s"]
+    save_weights_atomic(student, init)
+    write_json_atomic(info_path, info)
+    return init, info
 
 
 def rtn_student(cfg, data, teacher: keras.Model, recipe: RecipeLike) -> keras.Model:

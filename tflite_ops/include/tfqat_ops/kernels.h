@@ -14,7 +14,8 @@
 // - int4 activations travel as int8 codes in [-8, 7] (one per byte) with bits[t] == 4; a kernel
 //   may rely on that range (the quantize op guarantees it).
 // - Float epilogue of every integer matmul: y = (float)acc * (sa * sb) [+ bias], the scale
-//   product computed first, bias added last.
+//   product computed first, bias added last. (Group-wise weight scales, op 3g, have their own
+//   epilogue, below.)
 #pragma once
 
 #include <cstddef>
@@ -66,6 +67,24 @@ using QLinearFn = void (*)(const int8_t* x, const float* xs, const uint8_t* bits
                            const void* w_packed, const float* ws, const float* bias, int N,
                            float* y);
 
+// ---- op 3g: quantized linear with group-wise weight scales along K ----------------------
+// Same x, xs, bits, bias and the same packed weights (w4_pack / w8_pack) as op 3; the weight
+// scales have one entry per output channel and group of G consecutive k:
+//   G = group_size, a positive multiple of 32 (so a group never splits a packed k block of any
+//   variant); ng = ceil(K / G); group g covers k in [g * G, min((g + 1) * G, K)) (the last
+//   group may be partial).
+//   ws_gn: float [ng][N], *group-major*: ws_gn[g * N + n] is the scale of channel n in group g.
+//   (The op's w_scales are [N][ng]; the delegate transposes them once, so that the scales of
+//   consecutive channels at one group are one vector load in every variant.)
+// Epilogue, in exactly this order (float32, no FMA):
+//   acc_g = sum_{k in group g} x[t][k] * W[n][k]                         (int32)
+//   s = 0.0f; for g = 0 .. ng - 1: s = s + (float)acc_g * ws_gn[g * N + n];
+//   y[t][n] = s * xs[t], then + bias[n].
+// This differs from op 3 even for ng = 1 ((float)acc * (xs * ws) there); keep the two apart.
+using QLinearGroupedFn = void (*)(const int8_t* x, const float* xs, const uint8_t* bits, int T,
+                                  int K, const void* w_packed, int group_size,
+                                  const float* ws_gn, const float* bias, int N, float* y);
+
 // ---- op 4: quantized attention matmuls -------------------------------------------------
 // Cache layout: [Hkv][s_cap][D] (int8) or [Hkv][s_cap][(D + 1) / 2] (packed int4, kv_bits == 4);
 // positions 0..S-1 are valid. Query head h reads kv head h / (H / Hkv) (grouped-query).
@@ -99,6 +118,8 @@ struct KernelTable {
   PackedSizeFn w8_packed_size;
   PackFn w8_pack;
   QLinearFn qlinear_w8;
+  QLinearGroupedFn qlinear_w4_grouped;  // weights from w4_pack
+  QLinearGroupedFn qlinear_w8_grouped;  // weights from w8_pack
   AttnQKFn attn_qk;
   AttnPVFn attn_pv;
   PackedSizeFn f32_packed_size;

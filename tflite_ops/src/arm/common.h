@@ -175,6 +175,92 @@ inline void qlinear_run(const Kernel& kernel, const PaddedRows& x, const int* or
   }
 }
 
+// Group-wise scales (op 3g). G is a multiple of 32, so a group is whole k blocks of every ARM
+// layout (16 or 32 k); the int32 tile of one group comes from the same Kernel::run<M> over the
+// group's blocks (rows and weight tile advanced to the group start), and its float products are
+// added in group order. ws_gn is [ng][N]: the scales of a tile's channels at one group are
+// contiguous.
+struct GroupScales {
+  int G, ng, N;
+  const float* ws_gn;
+};
+
+// s[m][r] = s[m][r] + (float)acc[m][r] * ws[g][n0 + r] for the mr (<= M) real tokens of the
+// tile (the rest repeat the last one) and the nr (<= NR) valid channels.
+template <int M, int NR>
+inline void group_fold(const int32_t (*acc)[NR], const float* wsg, int mr, int nr,
+                       float32x4_t (*s)[NR / 4]) {
+  static_assert(NR % 4 == 0, "channel tiles are whole vectors");
+  float wpad[NR];
+  const float* w = wsg;
+  if (nr < NR) {  // never read past the last channel's scale
+    for (int i = 0; i < NR; ++i) wpad[i] = i < nr ? wsg[i] : 0.0f;
+    w = wpad;
+  }
+  for (int v = 0; v < NR / 4; ++v) {
+    const float32x4_t wv = vld1q_f32(w + 4 * v);
+    for (int m = 0; m < M; ++m) {
+      if (m < mr) s[m][v] = vaddq_f32(s[m][v], vmulq_f32(vcvtq_f32_s32(vld1q_s32(acc[m] + 4 * v)), wv));
+    }
+  }
+}
+
+// The op 3g epilogue of nr channels of one token: y = s * xs (+ bias), separate fmul / fadd.
+template <int NR>
+inline void group_store(const float32x4_t (&s)[NR / 4], int nr, float xs, const float* bias, float* y) {
+  float tmp[NR];
+  for (int v = 0; v < NR / 4; ++v) vst1q_f32(tmp + 4 * v, vmulq_f32(s[v], vdupq_n_f32(xs)));
+  for (int i = 0; i < nr; ++i) y[i] = bias ? tmp[i] + bias[i] : tmp[i];
+}
+
+// qlinear_tile for op 3g: Kernel::run<M> once per group (kKb and block_bytes: the kernel's k
+// block and the bytes one k block of a weight tile takes).
+template <int M, int NR, typename Kernel>
+inline void qlinear_tile_grouped(const Kernel& kernel, const PaddedRows& x, const int* order, int mr,
+                                 const float* xs, const uint8_t* wt, size_t block_bytes, int kb,
+                                 const GroupScales& gs, int n0, const float* bias, int nr, float* y) {
+  const int8_t* rows[M];
+  for (int i = 0; i < M; ++i) rows[i] = x.row(order[min_int(i, mr - 1)]);
+  float32x4_t s[M][NR / 4];
+  for (int m = 0; m < M; ++m) {
+    for (int v = 0; v < NR / 4; ++v) s[m][v] = vdupq_n_f32(0.0f);
+  }
+  for (int g = 0; g < gs.ng; ++g) {
+    const int k0 = g * gs.G;
+    const int8_t* grows[M];
+    for (int i = 0; i < M; ++i) grows[i] = rows[i] + k0;
+    int32_t acc[M][NR];
+    kernel.template run<M>(grows, wt + static_cast<size_t>(k0 / kb) * block_bytes, min_int(gs.G, x.kp() - k0),
+                           acc);
+    group_fold<M, NR>(acc, gs.ws_gn + static_cast<size_t>(g) * gs.N + n0, mr, nr, s);
+  }
+  for (int i = 0; i < mr; ++i) {
+    const int t = order[i];
+    group_store<NR>(s[i], nr, xs[t], bias, y + static_cast<size_t>(t) * gs.N);
+  }
+}
+
+// qlinear_run for op 3g: the same loop order (channel tiles outside, token tiles inside).
+template <int MR, int MT, int NR, typename Kernel>
+inline void qlinear_run_grouped(const Kernel& kernel, const PaddedRows& x, const int* order, int count,
+                                const float* xs, const void* w_packed, size_t w_tile_bytes, int kb,
+                                const GroupScales& gs, const float* bias, float* y) {
+  const uint8_t* w = static_cast<const uint8_t*>(w_packed);
+  const size_t block_bytes = w_tile_bytes / static_cast<size_t>(x.kp() / kb);
+  for (int n0 = 0; n0 < gs.N; n0 += NR) {
+    const int nr = min_int(NR, gs.N - n0);
+    const uint8_t* wt = w + static_cast<size_t>(n0 / NR) * w_tile_bytes;
+    const float* b = bias ? bias + n0 : nullptr;
+    int i = 0;
+    for (; i + MR <= count; i += MR) {
+      qlinear_tile_grouped<MR, NR>(kernel, x, order + i, MR, xs, wt, block_bytes, kb, gs, n0, b, nr, y + n0);
+    }
+    for (; i < count; i += MT) {
+      qlinear_tile_grouped<MT, NR>(kernel, x, order + i, min_int(MT, count - i), xs, wt, block_bytes, kb, gs, n0,
+                                   b, nr, y + n0);
+    }
+  }
+}
 
 // The d elements past the last full vector block, for every row pair of a tile. Kept out of
 // line: inlined, its loop setup ran for every row pair even when there was no tail.

@@ -166,6 +166,31 @@ void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T
                                         bias, N, y);
 }
 
+// Op 3g: the same kernels and token tiles, one group of k blocks at a time (common.h).
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y) {
+  const PaddedRows xr(x, T, K, W8Kernel::kKb);
+  arm::IndexList order(T);
+  order.push_range(T);
+  const arm::GroupScales gs{group_size, (K + group_size - 1) / group_size, N, ws_gn};
+  arm::qlinear_run_grouped<4, 2, W8Kernel::kNr>(W8Kernel{}, xr, order.idx.data(), T, xs, w_packed,
+                                                static_cast<size_t>(xr.kp()) * W8Kernel::kNr,
+                                                W8Kernel::kKb, gs, bias, y);
+}
+
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y) {
+  const PaddedRows xr(x, T, K, W4Kernel::kKb);
+  arm::IndexList order(T);
+  order.push_range(T);
+  const arm::GroupScales gs{group_size, (K + group_size - 1) / group_size, N, ws_gn};
+  arm::qlinear_run_grouped<4, 2, W4Kernel::kNr>(W4Kernel{}, xr, order.idx.data(), T, xs, w_packed,
+                                                static_cast<size_t>(xr.kp()) / 2 * W4Kernel::kNr,
+                                                W4Kernel::kKb, gs, bias, y);
+}
+
 }  // namespace arm_i8mm
 
 const KernelTable* arm_i8mm_table() {
@@ -178,6 +203,8 @@ const KernelTable* arm_i8mm_table() {
       arm_i8mm::w8_packed_size,
       arm_i8mm::w8_pack,
       arm_i8mm::qlinear_w8,
+      arm_i8mm::qlinear_w4_grouped,
+      arm_i8mm::qlinear_w8_grouped,
       arm_dot::attn_qk,
       arm_neon::attn_pv,
       arm_neon::f32_packed_size,

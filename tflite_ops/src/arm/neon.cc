@@ -376,6 +376,33 @@ void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* bits, int T, in
                                 w_packed, tile_bytes, ws, bias, N, y);
 }
 
+// Op 3g: the same kernels and token split, one group of k blocks at a time (common.h).
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y) {
+  const PaddedRows xr(x, T, K, W8Kernel::kKb);
+  arm::IndexList order(T);
+  order.push_range(T);
+  const arm::GroupScales gs{group_size, (K + group_size - 1) / group_size, N, ws_gn};
+  arm::qlinear_run_grouped<2, 1, W8Kernel::kNr>(W8Kernel{}, xr, order.idx.data(), T, xs, w_packed,
+                                                static_cast<size_t>(xr.kp()) * W8Kernel::kNr,
+                                                W8Kernel::kKb, gs, bias, y);
+}
+
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y) {
+  const PaddedRows xr(x, T, K, kW4Kb);
+  arm::IndexList t8(T), t4(T);
+  for (int t = 0; t < T; ++t) (bits && bits[t] == 4 ? t4 : t8).push(t);
+  const size_t tile_bytes = static_cast<size_t>(xr.kp()) / 2 * kW4Nr;
+  const arm::GroupScales gs{group_size, (K + group_size - 1) / group_size, N, ws_gn};
+  arm::qlinear_run_grouped<4, 1, kW4Nr>(W4x8Kernel{}, xr, t8.idx.data(), t8.size, xs, w_packed,
+                                        tile_bytes, kW4Kb, gs, bias, y);
+  arm::qlinear_run_grouped<3, 1, kW4Nr>(W4x4Kernel{}, xr, t4.idx.data(), t4.size, xs, w_packed,
+                                        tile_bytes, kW4Kb, gs, bias, y);
+}
+
 void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits,
              const float* ks, int Hkv, int S, int s_cap, float* scores) {
   arm::attn_qk_rows<QkOps>(q, qs, H, T, D, k, kv_bits, ks, Hkv, S, s_cap, scores);
@@ -472,6 +499,8 @@ const KernelTable* arm_neon_table() {
       arm_neon::w8_packed_size,
       arm_neon::w8_pack,
       arm_neon::qlinear_w8,
+      arm_neon::qlinear_w4_grouped,
+      arm_neon::qlinear_w8_grouped,
       arm_neon::attn_qk,
       arm_neon::attn_pv,
       arm_neon::f32_packed_size,

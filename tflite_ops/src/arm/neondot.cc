@@ -140,6 +140,31 @@ void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T
                                         bias, N, y);
 }
 
+// Op 3g: the same kernels, one group of k blocks at a time (common.h).
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y) {
+  const PaddedRows xr(x, T, K, W8Kernel::kKb);
+  arm::IndexList order(T);
+  order.push_range(T);
+  const arm::GroupScales gs{group_size, (K + group_size - 1) / group_size, N, ws_gn};
+  arm::qlinear_run_grouped<4, 1, W8Kernel::kNr>(W8Kernel{}, xr, order.idx.data(), T, xs, w_packed,
+                                                static_cast<size_t>(xr.kp()) * W8Kernel::kNr,
+                                                W8Kernel::kKb, gs, bias, y);
+}
+
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y) {
+  const PaddedRows xr(x, T, K, W4Kernel::kKb);
+  arm::IndexList order(T);
+  order.push_range(T);
+  const arm::GroupScales gs{group_size, (K + group_size - 1) / group_size, N, ws_gn};
+  arm::qlinear_run_grouped<4, 1, W4Kernel::kNr>(W4Kernel{}, xr, order.idx.data(), T, xs, w_packed,
+                                                static_cast<size_t>(xr.kp()) / 2 * W4Kernel::kNr,
+                                                W4Kernel::kKb, gs, bias, y);
+}
+
 void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits,
              const float* ks, int Hkv, int S, int s_cap, float* scores) {
   arm::attn_qk_rows<QkOps>(q, qs, H, T, D, k, kv_bits, ks, Hkv, S, s_cap, scores);
@@ -191,6 +216,8 @@ const KernelTable* arm_neondot_table() {
       arm_neon::w8_packed_size,
       arm_neon::w8_pack,
       arm_dot::qlinear_w8,
+      arm_dot::qlinear_w4_grouped,
+      arm_dot::qlinear_w8_grouped,
       arm_dot::attn_qk,
       arm_neon::attn_pv,
       arm_neon::f32_packed_size,

@@ -134,13 +134,26 @@ class SelectBitsOp : public OpKernel {
 
 // ---- TFQAT_QLINEAR -------------------------------------------------------------------------
 // in: x f32 [T,K], bits i32 [T], act_scales f32 [2], w (u8 [N,ceil(K/2)] | i8 [N,K]),
-//     w_scales f32 [N], optional bias f32 [N]; out: y f32 [T,N]
+//     w_scales f32 [N] (group_size 0) or [N, ceil(K/G)] (group_size G), optional bias f32 [N];
+// out: y f32 [T,N]
 class QLinearOp : public OpKernel {
  public:
   bool configure(const flex::Map& a, std::string* e) override {
-    return attr_choice(a, "w_bits", true, 0, {4, 8}, "4 or 8", &w_bits_, e) &&
-           attr_dim(a, "k", &k_attr_, e) &&
-           attr_choice(a, "act_mode", false, 0, {0, 1}, "0 (static) or 1 (dynamic)", &act_mode_, e);
+    if (!attr_choice(a, "w_bits", true, 0, {4, 8}, "4 or 8", &w_bits_, e) ||
+        !attr_dim(a, "k", &k_attr_, e) ||
+        !attr_choice(a, "act_mode", false, 0, {0, 1}, "0 (static) or 1 (dynamic)", &act_mode_, e)) {
+      return false;
+    }
+    // Groups are whole multiples of 32 so that no kernel layout's k block straddles two of them.
+    int64_t g;
+    if (!attr_int(a, "group_size", false, 0, &g, e)) return false;
+    if (g < 0 || g % 32 != 0 || g > (int64_t{1} << 30)) {
+      *e = format("attr group_size must be 0 (one scale per output channel) or a positive multiple "
+                  "of 32, got %lld", static_cast<long long>(g));
+      return false;
+    }
+    group_size_ = static_cast<int>(g);
+    return true;
   }
 
   TfLiteStatus prepare(NodeCtx& n) override {
@@ -165,10 +178,15 @@ class QLinearOp : public OpKernel {
       return n.fail(e);
     }
     N_ = dim(w, 0);
-    if (!expect(n.input(4), "input 4 (w_scales)", abi::kTfLiteFloat32, {N_}, format("[N=%d]", N_),
-                &e) ||
-        (n.input(5) && !expect(n.input(5), "input 5 (bias)", abi::kTfLiteFloat32, {N_},
-                               format("[N=%d]", N_), &e))) {
+    const int ng = group_size_ ? (K_ - 1) / group_size_ + 1 : 0;
+    const bool scales_ok =
+        group_size_ == 0
+            ? expect(n.input(4), "input 4 (w_scales)", abi::kTfLiteFloat32, {N_},
+                     format("[N=%d]", N_), &e)
+            : expect(n.input(4), "input 4 (w_scales)", abi::kTfLiteFloat32, {N_, ng},
+                     format("[N=%d, ceil(K/G)=%d] for group_size=%d", N_, ng, group_size_), &e);
+    if (!scales_ok || (n.input(5) && !expect(n.input(5), "input 5 (bias)", abi::kTfLiteFloat32,
+                                             {N_}, format("[N=%d]", N_), &e))) {
       return n.fail(e);
     }
     if (shape_output(n, 0, "y", abi::kTfLiteFloat32, {T_, N_},
@@ -178,6 +196,10 @@ class QLinearOp : public OpKernel {
     codes_.resize(static_cast<size_t>(T_) * K_);
     xs_.resize(T_);
     bits_.resize(T_);
+    // Group-wise scales go to the kernels group-major ([ng][N]): constant ones once here.
+    ws_gn_.resize(static_cast<size_t>(ng) * N_);
+    constant_ws_ = is_constant(n.input(4));
+    if (group_size_ && constant_ws_) transpose_scales(n);
     // Weights from the model file are packed once and shared across nodes; weights computed in
     // Prepare (persistent read-only) are packed here; graph inputs at every Invoke.
     shared_.reset();
@@ -203,12 +225,18 @@ class QLinearOp : public OpKernel {
     n.kt->quantize_rows(static_cast<const float*>(n.input(0)->data), T_, K_, bits_.data(), act,
                         codes_.data(), xs_.data());
     const TfLiteTensor* bias = n.input(5);
-    const QLinearFn fn = w_bits_ == 4 ? n.kt->qlinear_w4 : n.kt->qlinear_w8;
-    fn(codes_.data(), xs_.data(), bits_.data(), T_, K_,
-       shared_ ? shared_->data() : own_.data(),
-       static_cast<const float*>(n.input(4)->data),
-       bias ? static_cast<const float*>(bias->data) : nullptr, N_,
-       static_cast<float*>(n.output(0)->data));
+    const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
+    const void* w = shared_ ? shared_->data() : own_.data();
+    float* y = static_cast<float*>(n.output(0)->data);
+    if (group_size_) {
+      if (!constant_ws_) transpose_scales(n);
+      (w_bits_ == 4 ? n.kt->qlinear_w4_grouped : n.kt->qlinear_w8_grouped)(
+          codes_.data(), xs_.data(), bits_.data(), T_, K_, w, group_size_, ws_gn_.data(), b, N_, y);
+      return kTfLiteOk;
+    }
+    (w_bits_ == 4 ? n.kt->qlinear_w4 : n.kt->qlinear_w8)(
+        codes_.data(), xs_.data(), bits_.data(), T_, K_, w,
+        static_cast<const float*>(n.input(4)->data), b, N_, y);
     return kTfLiteOk;
   }
 
@@ -216,9 +244,18 @@ class QLinearOp : public OpKernel {
   void pack_own(const NodeCtx& n) {
     (w_bits_ == 4 ? n.kt->w4_pack : n.kt->w8_pack)(n.input(3)->data, N_, K_, own_.data());
   }
+  // w_scales [N][ng] -> ws_gn_ [ng][N].
+  void transpose_scales(const NodeCtx& n) {
+    const float* ws = static_cast<const float*>(n.input(4)->data);
+    const size_t ng = ws_gn_.size() / static_cast<size_t>(N_);
+    for (size_t i = 0; i < static_cast<size_t>(N_); ++i) {
+      for (size_t g = 0; g < ng; ++g) ws_gn_[g * N_ + i] = ws[i * ng + g];
+    }
+  }
 
-  int w_bits_ = 0, k_attr_ = 0, act_mode_ = 0, T_ = 0, K_ = 0, N_ = 0;
-  bool constant_w_ = false;
+  int w_bits_ = 0, k_attr_ = 0, act_mode_ = 0, group_size_ = 0, T_ = 0, K_ = 0, N_ = 0;
+  bool constant_w_ = false, constant_ws_ = false;
+  std::vector<float> ws_gn_;  // group-wise scales, group-major (kernels.h op 3g)
   PackCache::Packed shared_;   // weights from the model file
   std::vector<uint8_t> own_;   // any other weights
   std::vector<int8_t> codes_;

@@ -52,6 +52,46 @@ void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T
   }
 }
 
+// Op 3g: one int32 sum per group, then the float sum over groups in group order (kernels.h).
+namespace {
+template <typename WeightAt>
+void qlinear_grouped(const int8_t* x, const float* xs, int T, int K, int G, const float* ws_gn,
+                     const float* bias, int N, float* y, WeightAt w_at) {
+  const int ng = (K + G - 1) / G;
+  for (int t = 0; t < T; ++t) {
+    const int8_t* xr = x + static_cast<size_t>(t) * K;
+    for (int n = 0; n < N; ++n) {
+      float s = 0.0f;
+      for (int g = 0; g < ng; ++g) {
+        const int k1 = (g + 1) * G < K ? (g + 1) * G : K;
+        int32_t acc = 0;
+        for (int k = g * G; k < k1; ++k) acc += xr[k] * w_at(n, k);
+        s = s + static_cast<float>(acc) * ws_gn[static_cast<size_t>(g) * N + n];
+      }
+      const float v = s * xs[t];
+      y[static_cast<size_t>(t) * N + n] = bias ? v + bias[n] : v;
+    }
+  }
+}
+}  // namespace
+
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y) {
+  const uint8_t* w = static_cast<const uint8_t*>(w_packed);
+  const size_t stride = static_cast<size_t>((K + 1) / 2);
+  qlinear_grouped(x, xs, T, K, group_size, ws_gn, bias, N, y,
+                  [&](int n, int k) { return int4_at(w + n * stride, k); });
+}
+
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y) {
+  const int8_t* w = static_cast<const int8_t*>(w_packed);
+  qlinear_grouped(x, xs, T, K, group_size, ws_gn, bias, N, y,
+                  [&](int n, int k) { return static_cast<int>(w[static_cast<size_t>(n) * K + k]); });
+}
+
 namespace {
 // Element d of cached row s of kv head g, for either cache layout.
 inline int kv_at(const void* cache, int kv_bits, int g, int s, int s_cap, int D, int d) {

@@ -134,7 +134,7 @@ void quantize_rows(const float* x, int T, int K, const uint8_t* bits, const floa
 
 // ---- op 3 -------------------------------------------------------------------------------
 thread_local std::vector<int8_t> tl_x;
-thread_local std::vector<int32_t> tl_corr;
+thread_local std::vector<int32_t> tl_corr, tl_gcorr;
 
 // Zero-padded copy of x ([T][Kp], xored with xor_mask) and factor * sum_k x per token.
 const int8_t* prepare_x(const int8_t* x, int T, int K, int Kp, uint8_t xor_mask, int factor, const int32_t** corr) {
@@ -153,6 +153,87 @@ const int8_t* prepare_x(const int8_t* x, int T, int K, int Kp, uint8_t xor_mask,
   }
   *corr = c;
   return xp;
+}
+
+// Group-wise scales (op 3g). A group of G k (a multiple of 32) is G / 8 packed W4 chunks or
+// G / 4 W8 quads, so it never splits one: op 3's integer tiles run once per group, and each
+// group's int32 tile becomes float and is added to a float tile in group order. The scales of 8
+// consecutive channels at one group are one load from ws ([ng][N]).
+struct Groups {
+  int G, ng;
+  const float* ws;      // [ng][N]
+  const int32_t* corr;  // [T][ng]: the offset correction, -factor * sum_{k in g} x[t][k]
+};
+
+// Op 3g: the zero-padded copy of x (signed: both layouts put the weights on the unsigned side)
+// and -factor * sum_{k in g} x[t][k] per token and group (the accumulators' start).
+const int8_t* prepare_x_groups(const int8_t* x, int T, int K, int Kp, int G, int factor, const int32_t** corr) {
+  const int32_t* unused;
+  const int8_t* xp = prepare_x(x, T, K, Kp, 0, 0, &unused);
+  const int ng = (K + G - 1) / G;
+  int32_t* c = scratch(tl_gcorr, static_cast<size_t>(T) * ng);
+  const __m256i ones = _mm256_set1_epi8(1);
+  for (int t = 0; t < T; ++t) {
+    const int8_t* r = xp + static_cast<size_t>(t) * Kp;
+    for (int g = 0; g < ng; ++g) {
+      const int k1 = (g + 1) * G < K ? (g + 1) * G : K;
+      int k = g * G;
+      __m256i sum = _mm256_setzero_si256();
+      for (; k + 32 <= k1; k += 32) {
+        sum = TFQAT_DP_SMALL(sum, ones, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k)));
+      }
+      int32_t s = hsum(sum);
+      for (; k < k1; ++k) s += r[k];
+      c[static_cast<size_t>(t) * ng + g] = -s * factor;
+    }
+  }
+  *corr = c;
+  return xp;
+}
+
+// ws (or bias) for the channels [n, n + 8) of which `rem` (>= 1) exist; the rest read as 0.
+inline __m256 load_channels(const float* p, int rem) {
+  if (rem >= kNr) return _mm256_loadu_ps(p);
+  const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_ps(p, m);
+}
+
+// The accumulator start of tokens t0 .. t0 + MR - 1 in group g: the (negated) correction, which
+// saves a subtraction per accumulator and group.
+template <int MR>
+inline void group_init(const Groups& gr, int g, int t0, __m256i (&init)[MR]) {
+  for (int m = 0; m < MR; ++m) init[m] = _mm256_set1_epi32(gr.corr[static_cast<size_t>(t0 + m) * gr.ng + g]);
+}
+
+// s[m][j] = s[m][j] + (float)acc[m][j] * ws[g][n0 + 8 j .. +7].
+template <int MR, int NB>
+inline void group_fold(const __m256i (&acc)[MR][NB], const Groups& gr, int g, int n0, int N, __m256 (&s)[MR][NB]) {
+  const float* wsg = gr.ws + static_cast<size_t>(g) * N + n0;
+  for (int j = 0; j < NB; ++j) {
+    const __m256 wv = load_channels(wsg + kNr * j, N - n0 - kNr * j);
+    for (int m = 0; m < MR; ++m) s[m][j] = _mm256_add_ps(s[m][j], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][j]), wv));
+  }
+}
+
+// y = s * xs[t] (+ bias); a partial block goes through a buffer.
+template <int MR, int NB>
+inline void group_store(const __m256 (&s)[MR][NB], int t0, int n0, const float* xs, const float* bias, int N,
+                        float* y) {
+  for (int m = 0; m < MR; ++m) {
+    float* yr = y + static_cast<size_t>(t0 + m) * N;
+    for (int j = 0; j < NB; ++j) {
+      const int n = n0 + kNr * j, rem = N - n;
+      __m256 v = _mm256_mul_ps(s[m][j], _mm256_set1_ps(xs[t0 + m]));
+      if (bias) v = _mm256_add_ps(v, load_channels(bias + n, rem));
+      if (rem >= kNr) {
+        _mm256_storeu_ps(yr + n, v);
+      } else {
+        alignas(32) float b[kNr];
+        _mm256_store_ps(b, v);
+        std::memcpy(yr + n, b, sizeof(float) * rem);
+      }
+    }
+  }
 }
 
 size_t w4_packed_size(int N, int K) { return kHeader + static_cast<size_t>(round_up(N, kNr)) * round_up(K, 8) / 2; }
@@ -177,13 +258,14 @@ void w4_pack(const void* canonical, int N, int K, void* packed) {
   }
 }
 
+// MR tokens x NB blocks over `nc` 8-k chunks (all of Kp / 8 for op 3, one group for op 3g),
+// token m's accumulators starting from init[m].
 // Weights (w + 8 in [0, 15]) are the unsigned operand: the small-range dot is exact.
 template <int MR, int NB>
-inline void w4_run(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w, const Panel& pn, int jb, int t0,
-                   int b0, const float* xs, const float* ws, const float* bias, int N, float* y) {
-  __m256i acc[MR][NB];
+inline void w4_tile(const int8_t* xb, int Kp, const uint8_t* wb, size_t gstride, int nc, const __m256i (&init)[MR],
+                    __m256i (&acc)[MR][NB]) {
   for (int m = 0; m < MR; ++m) {
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_si256();
+    for (int j = 0; j < NB; ++j) acc[m][j] = init[m];
   }
   // A GEMV with a native vpdpbusd saves the shift: the high nibble stays in place and gets its
   // own accumulator (a full-range unsigned operand would cost the emulated dot more, not less).
@@ -191,16 +273,14 @@ inline void w4_run(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t*
   __m256i acc_hi[NB];
   for (int j = 0; j < NB; ++j) acc_hi[j] = _mm256_setzero_si256();
   const __m256i m0f = _mm256_set1_epi8(0x0F);
-  const uint8_t* wb = w + pn.base + jb * 32;
-  const int8_t* xb = xp + static_cast<size_t>(t0) * Kp;
-  for (int g = 0; g < Kp / 8; ++g) {
+  for (int g = 0; g < nc; ++g) {
     __m256i xl[MR], xh[MR];
     for (int m = 0; m < MR; ++m) {
       xl[m] = _mm256_set1_epi32(load_i32(xb + static_cast<size_t>(m) * Kp + 8 * g));
       xh[m] = _mm256_set1_epi32(load_i32(xb + static_cast<size_t>(m) * Kp + 8 * g + 4));
     }
     for (int j = 0; j < NB; ++j) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * pn.gstride + j * 32));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * gstride + j * 32));
       if (kHiSplit) {  // high nibbles masked in place (16 * (w + 8)), divided out at the end
         acc[0][j] = TFQAT_DP_FULL(acc[0][j], _mm256_and_si256(v, m0f), xl[0]);
         acc_hi[j] = TFQAT_DP_FULL(acc_hi[j], _mm256_andnot_si256(m0f, v), xh[0]);
@@ -216,11 +296,63 @@ inline void w4_run(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t*
   if (kHiSplit) {
     for (int j = 0; j < NB; ++j) acc[0][j] = _mm256_add_epi32(acc[0][j], _mm256_srai_epi32(acc_hi[j], 4));
   }
+}
+
+// Tokens [t0, t0 + MR) x panel blocks [jb, jb + NB) (= blocks [b0, b0 + NB)); gr == nullptr:
+// op 3's per-channel epilogue, else op 3g's.
+template <int MR, int NB>
+inline void w4_run(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w, const Panel& pn, int jb, int t0,
+                   int b0, const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y) {
+  const uint8_t* wb = w + pn.base + jb * 32;
+  const int8_t* xb = xp + static_cast<size_t>(t0) * Kp;
+  __m256i acc[MR][NB], init[MR];
+  if (!gr) {
+    for (int m = 0; m < MR; ++m) init[m] = _mm256_setzero_si256();
+    w4_tile<MR, NB>(xb, Kp, wb, pn.gstride, Kp / 8, init, acc);
+    for (int m = 0; m < MR; ++m) {
+      const __m256i c = _mm256_set1_epi32(corr[t0 + m]);
+      for (int j = 0; j < NB; ++j) {
+        epilogue_store(y + static_cast<size_t>(t0 + m) * N, (b0 + j) * kNr, N, _mm256_sub_epi32(acc[m][j], c),
+                       xs[t0 + m], ws, bias);
+      }
+    }
+    return;
+  }
+  __m256 s[MR][NB];
   for (int m = 0; m < MR; ++m) {
-    const __m256i c = _mm256_set1_epi32(corr[t0 + m]);
-    for (int j = 0; j < NB; ++j) {
-      epilogue_store(y + static_cast<size_t>(t0 + m) * N, (b0 + j) * kNr, N, _mm256_sub_epi32(acc[m][j], c),
-                     xs[t0 + m], ws, bias);
+    for (int j = 0; j < NB; ++j) s[m][j] = _mm256_setzero_ps();
+  }
+  const int gc = gr->G / 8, nc = Kp / 8;
+  for (int g = 0; g < gr->ng; ++g) {
+    const int c0 = g * gc;
+    group_init<MR>(*gr, g, t0, init);
+    w4_tile<MR, NB>(xb + 8 * c0, Kp, wb + c0 * pn.gstride, pn.gstride, nc - c0 < gc ? nc - c0 : gc, init, acc);
+    group_fold<MR, NB>(acc, *gr, g, b0 * kNr, N, s);
+  }
+  group_store<MR, NB>(s, t0, b0 * kNr, xs, bias, N, y);
+}
+
+// Full panels: T = 1 takes the whole panel per pass, otherwise MR x NB tiles over columns of NB
+// blocks (kPb % NB == 0); a partial panel goes block by block.
+template <int MR, int NB>
+void w4_panels(const int8_t* xp, const int32_t* corr, int T, int Kp, int Nb, const uint8_t* w, const Groups* gr,
+               const float* xs, const float* ws, const float* bias, int N, float* y) {
+  static_assert(kPb % NB == 0, "columns of NB blocks tile a panel");
+  for (int p = 0; p * kPb < Nb; ++p) {
+    const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr / 2);
+    const int b0 = p * kPb;
+    if (pn.pb == kPb && T == 1) {
+      w4_run<1, kPb>(xp, corr, Kp, w, pn, 0, 0, b0, gr, xs, ws, bias, N, y);
+    } else if (pn.pb == kPb) {
+      for (int jb = 0; jb < kPb; jb += NB) {
+        int t = 0;
+        for (; t + MR <= T; t += MR) w4_run<MR, NB>(xp, corr, Kp, w, pn, jb, t, b0 + jb, gr, xs, ws, bias, N, y);
+        for (; t < T; ++t) w4_run<1, NB>(xp, corr, Kp, w, pn, jb, t, b0 + jb, gr, xs, ws, bias, N, y);
+      }
+    } else {
+      for (int jb = 0; jb < pn.pb; ++jb) {
+        for (int t = 0; t < T; ++t) w4_run<1, 1>(xp, corr, Kp, w, pn, jb, t, b0 + jb, gr, xs, ws, bias, N, y);
+      }
     }
   }
 }
@@ -228,23 +360,23 @@ inline void w4_run(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t*
 void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
                 const float* ws, const float* bias, int N, float* y) {
   const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
-  const uint8_t* w = payload(w_packed);
   const int32_t* corr;
   const int8_t* xp = prepare_x(x, T, K, Kp, 0, 8, &corr);
-  constexpr int kMr = 4;
-  for (int p = 0; p * kPb < Nb; ++p) {
-    const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr / 2);
-    const int b0 = p * kPb;
-    if (pn.pb == kPb) {
-      int t = 0;
-      for (; t + kMr <= T; t += kMr) w4_run<kMr, kPb>(xp, corr, Kp, w, pn, 0, t, b0, xs, ws, bias, N, y);
-      for (; t < T; ++t) w4_run<1, kPb>(xp, corr, Kp, w, pn, 0, t, b0, xs, ws, bias, N, y);
-    } else {
-      for (int jb = 0; jb < pn.pb; ++jb) {
-        for (int t = 0; t < T; ++t) w4_run<1, 1>(xp, corr, Kp, w, pn, jb, t, b0 + jb, xs, ws, bias, N, y);
-      }
-    }
-  }
+  w4_panels<4, kPb>(xp, corr, T, Kp, Nb, payload(w_packed), nullptr, xs, ws, bias, N, y);
+}
+
+// Op 3g GEMM tiles: the float tile doubles the live registers (16 ymm in all). On AVX2 (emulated
+// dot) 4 x 16 / 4 x 8 and the other tiles tried (2 x 32, 3 x 16, 2 x 16) time the same within
+// noise at SmolLM2 shapes; AVX-VNNI was not at hand to tune on.
+constexpr int kGMr4 = 4, kGNb4 = 2, kGMr8 = 4, kGNb8 = 1;
+
+// W4 weights are w + 8 on the unsigned side: the offset is 8 * sum_{k in g} x per group.
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
+                        int group_size, const float* ws_gn, const float* bias, int N, float* y) {
+  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
+  Groups gr{group_size, (K + group_size - 1) / group_size, ws_gn, nullptr};
+  const int8_t* xp = prepare_x_groups(x, T, K, Kp, group_size, 8, &gr.corr);
+  w4_panels<kGMr4, kGNb4>(xp, nullptr, T, Kp, Nb, payload(w_packed), &gr, xs, nullptr, bias, N, y);
 }
 
 size_t w8_packed_size(int N, int K) {
@@ -275,29 +407,83 @@ void w8_pack(const void* canonical, int N, int K, void* packed) {
   }
 }
 
-// Activations offset to x + 128 are the unsigned operand (full range); weights signed.
-template <int MR, int NB>
-inline void w8_run(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, int jb, const int32_t* wcorr, int t0,
-                   int b0, const float* xs, const float* ws, const float* bias, int N, float* y) {
-  __m256i acc[MR][NB];
+// MR tokens x NB blocks over the 4-k quads [q0, q0 + nq).
+// Op 3 (kWeightsUnsigned false): activations offset to x + 128 are the unsigned operand (full
+// range), weights signed. Op 3g (true): x signed and w ^ 0x80 = w + 128 unsigned (one xor per
+// loaded vector, shared by the MR tokens), so the offset to take back is 128 * sum_{k in g} x,
+// per token and group, from the activations (op 3's per-row weight sums would be needed per row
+// *and* group).
+template <int MR, int NB, bool kWeightsUnsigned>
+inline void w8_tile(const int8_t* xb, int Kp, const int8_t* wb, size_t gstride, int q0, int nq,
+                    const __m256i (&init)[MR], __m256i (&acc)[MR][NB]) {
   for (int m = 0; m < MR; ++m) {
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_si256();
+    for (int j = 0; j < NB; ++j) acc[m][j] = init[m];
   }
-  const int8_t* wb = w + pn.base + jb * 32;
-  const int8_t* xb = xp + static_cast<size_t>(t0) * Kp;
-  for (int g = 0; g < Kp / 4; ++g) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int g = q0; g < q0 + nq; ++g) {
     __m256i wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * pn.gstride + j * 32));
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * gstride + j * 32));
+      if (kWeightsUnsigned) wv[j] = _mm256_xor_si256(wv[j], flip);
+    }
     for (int m = 0; m < MR; ++m) {
       const __m256i xv = _mm256_set1_epi32(load_i32(xb + static_cast<size_t>(m) * Kp + 4 * g));
-      for (int j = 0; j < NB; ++j) acc[m][j] = TFQAT_DP_FULL(acc[m][j], xv, wv[j]);
+      for (int j = 0; j < NB; ++j) {
+        acc[m][j] = kWeightsUnsigned ? TFQAT_DP_FULL(acc[m][j], wv[j], xv) : TFQAT_DP_FULL(acc[m][j], xv, wv[j]);
+      }
     }
   }
-  for (int j = 0; j < NB; ++j) {
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wcorr + (b0 + j) * kNr));
-    for (int m = 0; m < MR; ++m) {
-      epilogue_store(y + static_cast<size_t>(t0 + m) * N, (b0 + j) * kNr, N, _mm256_sub_epi32(acc[m][j], c),
-                     xs[t0 + m], ws, bias);
+}
+
+template <int MR, int NB>
+inline void w8_run(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, int jb, const int32_t* wcorr, int t0,
+                   int b0, const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y) {
+  const int8_t* wb = w + pn.base + jb * 32;
+  const int8_t* xb = xp + static_cast<size_t>(t0) * Kp;
+  __m256i acc[MR][NB], init[MR];
+  if (!gr) {
+    for (int m = 0; m < MR; ++m) init[m] = _mm256_setzero_si256();
+    w8_tile<MR, NB, false>(xb, Kp, wb, pn.gstride, 0, Kp / 4, init, acc);
+    for (int j = 0; j < NB; ++j) {
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wcorr + (b0 + j) * kNr));
+      for (int m = 0; m < MR; ++m) {
+        epilogue_store(y + static_cast<size_t>(t0 + m) * N, (b0 + j) * kNr, N, _mm256_sub_epi32(acc[m][j], c),
+                       xs[t0 + m], ws, bias);
+      }
+    }
+    return;
+  }
+  __m256 s[MR][NB];
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) s[m][j] = _mm256_setzero_ps();
+  }
+  const int gq = gr->G / 4, nq = Kp / 4;
+  for (int g = 0; g < gr->ng; ++g) {
+    group_init<MR>(*gr, g, t0, init);
+    w8_tile<MR, NB, true>(xb, Kp, wb, pn.gstride, g * gq, nq - g * gq < gq ? nq - g * gq : gq, init, acc);
+    group_fold<MR, NB>(acc, *gr, g, b0 * kNr, N, s);
+  }
+  group_store<MR, NB>(s, t0, b0 * kNr, xs, bias, N, y);
+}
+
+template <int MR, int NB>
+void w8_panels(const int8_t* xp, int T, int Kp, int Nb, const int8_t* w, const int32_t* wcorr, const Groups* gr,
+               const float* xs, const float* ws, const float* bias, int N, float* y) {
+  for (int p = 0; p * kPb < Nb; ++p) {
+    const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr);
+    const int b0 = p * kPb;
+    if (T == 1 && pn.pb == kPb) {
+      w8_run<1, kPb>(xp, Kp, w, pn, 0, wcorr, 0, b0, gr, xs, ws, bias, N, y);
+      continue;
+    }
+    int jb = 0;
+    for (; jb + NB <= pn.pb; jb += NB) {
+      int t = 0;
+      for (; t + MR <= T; t += MR) w8_run<MR, NB>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, gr, xs, ws, bias, N, y);
+      for (; t < T; ++t) w8_run<1, NB>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, gr, xs, ws, bias, N, y);
+    }
+    for (; jb < pn.pb; ++jb) {
+      for (int t = 0; t < T; ++t) w8_run<1, 1>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, gr, xs, ws, bias, N, y);
     }
   }
 }
@@ -309,23 +495,16 @@ void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T
   const int32_t* wcorr = reinterpret_cast<const int32_t*>(w + static_cast<size_t>(Np) * Kp);
   const int32_t* unused;
   const int8_t* xp = prepare_x(x, T, K, Kp, 0x80, 0, &unused);
-  for (int p = 0; p * kPb < Nb; ++p) {
-    const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr);
-    const int b0 = p * kPb;
-    if (T == 1 && pn.pb == kPb) {
-      w8_run<1, kPb>(xp, Kp, w, pn, 0, wcorr, 0, b0, xs, ws, bias, N, y);
-      continue;
-    }
-    int jb = 0;
-    for (; jb + kNb8 <= pn.pb; jb += kNb8) {
-      int t = 0;
-      for (; t + kMr8 <= T; t += kMr8) w8_run<kMr8, kNb8>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, xs, ws, bias, N, y);
-      for (; t < T; ++t) w8_run<1, kNb8>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, xs, ws, bias, N, y);
-    }
-    for (; jb < pn.pb; ++jb) {
-      for (int t = 0; t < T; ++t) w8_run<1, 1>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, xs, ws, bias, N, y);
-    }
-  }
+  w8_panels<kMr8, kNb8>(xp, T, Kp, Nb, w, wcorr, nullptr, xs, ws, bias, N, y);
+}
+
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
+                        int group_size, const float* ws_gn, const float* bias, int N, float* y) {
+  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
+  Groups gr{group_size, (K + group_size - 1) / group_size, ws_gn, nullptr};
+  const int8_t* xp = prepare_x_groups(x, T, K, Kp, group_size, 128, &gr.corr);
+  w8_panels<kGMr8, kGNb8>(xp, T, Kp, Nb, reinterpret_cast<const int8_t*>(payload(w_packed)), nullptr, &gr, xs,
+                          nullptr, bias, N, y);
 }
 
 // ---- op 4 -------------------------------------------------------------------------------
@@ -521,9 +700,24 @@ void gemm_f16(const uint16_t* x, int T, int K, const void* w_packed, int N, uint
 }
 
 KernelTable make_table(Isa isa) {
-  return {isa,      quantize_rows,   w4_packed_size, w4_pack,  qlinear_w4,      w8_packed_size,
-          w8_pack,  qlinear_w8,      attn_qk,        attn_pv,  f32_packed_size, f32_pack,
-          gemm_f32, f16_packed_size, f16_pack,       gemm_f16};
+  return {isa,
+          quantize_rows,
+          w4_packed_size,
+          w4_pack,
+          qlinear_w4,
+          w8_packed_size,
+          w8_pack,
+          qlinear_w8,
+          qlinear_w4_grouped,
+          qlinear_w8_grouped,
+          attn_qk,
+          attn_pv,
+          f32_packed_size,
+          f32_pack,
+          gemm_f32,
+          f16_packed_size,
+          f16_pack,
+          gemm_f16};
 }
 
 }  // namespace

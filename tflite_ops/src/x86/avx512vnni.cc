@@ -137,17 +137,23 @@ void w4_pack(const void* canonical, int N, int K, void* packed) {
   }
 }
 
-// MR tokens x NB blocks. Low and high nibbles accumulate separately: the high one is masked
-// in place (16 * (w + 8)), which saves a shift per vector; it is divided out exactly at the end.
+// MR tokens x NB blocks over `nc` 8-k chunks (all of Kp / 8 for op 3, one group for op 3g),
+// token m's accumulators starting from init[m] (op 3g starts from the negated offset correction,
+// which saves a subtraction per accumulator and group).
+// Low and high nibbles accumulate separately: the high one is masked in place (16 * (w + 8)),
+// which saves a shift per vector; it is divided out exactly at the end.
 template <int MR, int NB>
-inline void w4_tile(const int8_t* xp, int Kp, const uint8_t* wb, size_t gstride, __m512i (&acc)[MR][NB]) {
+inline void w4_tile(const int8_t* xp, int Kp, const uint8_t* wb, size_t gstride, int nc, const __m512i (&init)[MR],
+                    __m512i (&acc)[MR][NB]) {
   __m512i al[MR][NB], ah[MR][NB];
   for (int m = 0; m < MR; ++m) {
-    for (int j = 0; j < NB; ++j) al[m][j] = ah[m][j] = _mm512_setzero_si512();
+    for (int j = 0; j < NB; ++j) {
+      al[m][j] = init[m];
+      ah[m][j] = _mm512_setzero_si512();
+    }
   }
   const __m512i m0f = _mm512_set1_epi8(0x0F), mf0 = _mm512_set1_epi8(static_cast<char>(0xF0));
-  const int G = Kp / 8;
-  for (int g = 0; g < G; ++g) {
+  for (int g = 0; g < nc; ++g) {
     __m512i wl[NB], wh[NB];
     for (int j = 0; j < NB; ++j) {
       const __m512i v = _mm512_loadu_si512(wb + g * gstride + j * 64);
@@ -171,13 +177,13 @@ inline void w4_tile(const int8_t* xp, int Kp, const uint8_t* wb, size_t gstride,
 // GEMM tile: one accumulator per (token, block); the high nibbles are shifted down so both
 // halves add into it directly. Broadcasts are hoisted and shared by all NB blocks.
 template <int MR, int NB>
-inline void w4_tile_gemm(const int8_t* xp, int Kp, const uint8_t* wb, size_t gstride, __m512i (&acc)[MR][NB]) {
+inline void w4_tile_gemm(const int8_t* xp, int Kp, const uint8_t* wb, size_t gstride, int nc,
+                         const __m512i (&init)[MR], __m512i (&acc)[MR][NB]) {
   for (int m = 0; m < MR; ++m) {
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+    for (int j = 0; j < NB; ++j) acc[m][j] = init[m];
   }
   const __m512i m0f = _mm512_set1_epi8(0x0F);
-  const int G = Kp / 8;
-  for (int g = 0; g < G; ++g) {
+  for (int g = 0; g < nc; ++g) {
     __m512i xl[MR], xh[MR];
     for (int m = 0; m < MR; ++m) {
       xl[m] = _mm512_set1_epi32(load_i32(xp + static_cast<size_t>(m) * Kp + 8 * g));
@@ -194,28 +200,95 @@ inline void w4_tile_gemm(const int8_t* xp, int Kp, const uint8_t* wb, size_t gst
   }
 }
 
-// Runs an MR x NB tile over tokens [t0, t0 + MR) and blocks [b0, b0 + NB) = panel blocks
-// [jb, jb + NB).
 template <int MR, int NB>
-inline void w4_run(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w, const Panel& pn, int jb,
-                   int t0, int b0, const float* xs, const float* ws, const float* bias, int N, float* y) {
-  __m512i acc[MR][NB];
+inline void w4_acc(const int8_t* xb, int Kp, const uint8_t* wb, size_t gstride, int nc, const __m512i (&init)[MR],
+                   __m512i (&acc)[MR][NB]) {
   if (MR == 1) {
-    w4_tile<MR, NB>(xp + static_cast<size_t>(t0) * Kp, Kp, w + pn.base + jb * 64, pn.gstride, acc);
+    w4_tile<MR, NB>(xb, Kp, wb, gstride, nc, init, acc);
   } else {
-    w4_tile_gemm<MR, NB>(xp + static_cast<size_t>(t0) * Kp, Kp, w + pn.base + jb * 64, pn.gstride, acc);
+    w4_tile_gemm<MR, NB>(xb, Kp, wb, gstride, nc, init, acc);
   }
+}
+
+// Group-wise scales (op 3g). A group of G k (a multiple of 32) is G / 8 packed W4 chunks or
+// G / 4 W8 quads, so it never splits one: op 3's integer tiles run once per group, and each
+// group's int32 tile becomes float and is added to a float tile in group order. The scales of 16
+// consecutive channels at one group are one load from ws ([ng][N]).
+struct Groups {
+  int G, ng;
+  const float* ws;      // [ng][N]
+  const int32_t* corr;  // [T][ng]: the offset correction, -factor * sum_{k in g} x[t][k]
+};
+
+// The accumulator start of tokens t0 .. t0 + MR - 1 in group g: the (negated) correction.
+template <int MR>
+inline void group_init(const Groups& gr, int g, int t0, __m512i (&init)[MR]) {
+  for (int m = 0; m < MR; ++m) init[m] = _mm512_set1_epi32(gr.corr[static_cast<size_t>(t0 + m) * gr.ng + g]);
+}
+
+// s[m][j] = s[m][j] + (float)acc[m][j] * ws[g][n0 + 16 j .. +15].
+template <int MR, int NB>
+inline void group_fold(const __m512i (&acc)[MR][NB], const Groups& gr, int g, int n0, int N, __m512 (&s)[MR][NB]) {
+  const float* wsg = gr.ws + static_cast<size_t>(g) * N + n0;
+  for (int j = 0; j < NB; ++j) {
+    const __m512 wv = _mm512_maskz_loadu_ps(tail16(N - n0 - 16 * j), wsg + 16 * j);
+    for (int m = 0; m < MR; ++m) s[m][j] = _mm512_add_ps(s[m][j], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][j]), wv));
+  }
+}
+
+// y = s * xs[t] (+ bias), masked to N.
+template <int MR, int NB>
+inline void group_store(const __m512 (&s)[MR][NB], int t0, int n0, const float* xs, const float* bias, int N,
+                        float* y) {
   for (int m = 0; m < MR; ++m) {
-    const __m512i c = _mm512_set1_epi32(corr[t0 + m]);
+    float* yr = y + static_cast<size_t>(t0 + m) * N;
     for (int j = 0; j < NB; ++j) {
-      epilogue_store(y + static_cast<size_t>(t0 + m) * N, (b0 + j) * kNr, N, _mm512_sub_epi32(acc[m][j], c),
-                     xs[t0 + m], ws, bias);
+      const int n = n0 + 16 * j;
+      const __mmask16 mk = tail16(N - n);
+      __m512 v = _mm512_mul_ps(s[m][j], _mm512_set1_ps(xs[t0 + m]));
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + n));
+      _mm512_mask_storeu_ps(yr + n, mk, v);
     }
   }
 }
 
+// Runs an MR x NB tile over tokens [t0, t0 + MR) and blocks [b0, b0 + NB) = panel blocks
+// [jb, jb + NB); gr == nullptr: op 3's per-channel epilogue, else op 3g's.
+template <int MR, int NB>
+inline void w4_run(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w, const Panel& pn, int jb,
+                   int t0, int b0, const Groups* gr, const float* xs, const float* ws, const float* bias, int N,
+                   float* y) {
+  const int8_t* xb = xp + static_cast<size_t>(t0) * Kp;
+  const uint8_t* wb = w + pn.base + jb * 64;
+  __m512i acc[MR][NB], init[MR];
+  if (!gr) {
+    for (int m = 0; m < MR; ++m) init[m] = _mm512_setzero_si512();
+    w4_acc<MR, NB>(xb, Kp, wb, pn.gstride, Kp / 8, init, acc);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i c = _mm512_set1_epi32(corr[t0 + m]);
+      for (int j = 0; j < NB; ++j) {
+        epilogue_store(y + static_cast<size_t>(t0 + m) * N, (b0 + j) * kNr, N, _mm512_sub_epi32(acc[m][j], c),
+                       xs[t0 + m], ws, bias);
+      }
+    }
+    return;
+  }
+  __m512 s[MR][NB];
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) s[m][j] = _mm512_setzero_ps();
+  }
+  const int gc = gr->G / 8, nc = Kp / 8;
+  for (int g = 0; g < gr->ng; ++g) {
+    const int c0 = g * gc;
+    group_init<MR>(*gr, g, t0, init);
+    w4_acc<MR, NB>(xb + 8 * c0, Kp, wb + c0 * pn.gstride, pn.gstride, std::min(gc, nc - c0), init, acc);
+    group_fold<MR, NB>(acc, *gr, g, b0 * kNr, N, s);
+  }
+  group_store<MR, NB>(s, t0, b0 * kNr, xs, bias, N, y);
+}
+
 thread_local std::vector<int8_t> tl_x;
-thread_local std::vector<int32_t> tl_corr;
+thread_local std::vector<int32_t> tl_corr, tl_gcorr;
 
 // Zero-padded copy of x ([T][Kp], optionally xored) and per-token sum_k x * factor.
 const int8_t* prepare_x(const int8_t* x, int T, int K, int Kp, uint8_t xor_mask, int factor, int32_t** corr) {
@@ -238,9 +311,35 @@ const int8_t* prepare_x(const int8_t* x, int T, int K, int Kp, uint8_t xor_mask,
   return xp;
 }
 
+// Op 3g: the zero-padded copy of x (signed: both layouts put the weights on the unsigned side)
+// and -factor * sum_{k in g} x[t][k] per token and group (the accumulators' start).
+const int8_t* prepare_x_groups(const int8_t* x, int T, int K, int Kp, int G, int factor, const int32_t** corr) {
+  int32_t* unused;
+  const int8_t* xp = prepare_x(x, T, K, Kp, 0, 0, &unused);
+  const int ng = (K + G - 1) / G;
+  int32_t* c = scratch(tl_gcorr, static_cast<size_t>(T) * ng);
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int t = 0; t < T; ++t) {
+    const int8_t* r = xp + static_cast<size_t>(t) * Kp;
+    for (int g = 0; g < ng; ++g) {
+      const int k1 = std::min((g + 1) * G, Kp);
+      __m512i sum = _mm512_setzero_si512();
+      for (int k = g * G; k < k1; k += 64) {
+        sum = _mm512_dpbusd_epi32(sum, ones, _mm512_maskz_loadu_epi8(tail64(k1 - k), r + k));
+      }
+      c[static_cast<size_t>(t) * ng + g] = -_mm512_reduce_add_epi32(sum) * factor;
+    }
+  }
+  *corr = c;
+  return xp;
+}
+
 constexpr int kGemmMr = 4, kGemmNb = 4;
 constexpr bool kPrefetchPanels = true;  // GEMM: prefetch the next panel (see w4_cols)
 constexpr int kW8Mr = 4, kW8Nb = 4;  // W8 panels are twice the bytes: 2 blocks keep a column in L1
+// Op 3g GEMM tiles: the float tile doubles the live registers, so 4 x 64 spills; 5 tokens x 32
+// rows measured best for both (README "Group-wise scales").
+constexpr int kGGemmMr = 5, kGGemmNb = 2, kGW8Mr = 5, kGW8Nb = 2;
 
 // Tokens [0, T) against panel blocks [jb, jb + NB), MR tokens at a time.
 // pf / pf_bytes: the next panel, prefetched into L2 a slice per token tile while this panel
@@ -248,7 +347,7 @@ constexpr int kW8Mr = 4, kW8Nb = 4;  // W8 panels are twice the bytes: 2 blocks 
 // or DRAM once per call).
 template <int MR, int NB>
 inline void w4_cols(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w, const Panel& pn, int jb, int b0,
-                    int T, const float* xs, const float* ws, const float* bias, int N, float* y,
+                    int T, const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y,
                     const uint8_t* pf = nullptr, size_t pf_bytes = 0) {
   const size_t slice = pf ? (pf_bytes / (T / MR + 1) + 64) & ~size_t(63) : 0;
   size_t done = 0;
@@ -257,34 +356,60 @@ inline void w4_cols(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t
     for (size_t e = std::min(done + slice, pf_bytes); done < e; done += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(pf + done), _MM_HINT_T1);
     }
-    w4_run<MR, NB>(xp, corr, Kp, w, pn, jb, t, b0, xs, ws, bias, N, y);
+    w4_run<MR, NB>(xp, corr, Kp, w, pn, jb, t, b0, gr, xs, ws, bias, N, y);
   }
-  for (; t < T; ++t) w4_run<1, NB>(xp, corr, Kp, w, pn, jb, t, b0, xs, ws, bias, N, y);
+  for (; t < T; ++t) w4_run<1, NB>(xp, corr, Kp, w, pn, jb, t, b0, gr, xs, ws, bias, N, y);
+}
+
+// One token against a whole panel. Out of line so that its code does not depend on which GEMM
+// tile the caller instantiates (inlined, the op 3g GEMV timed 6.5 or 8 us at 576 x 1536 by the
+// caller's tile).
+__attribute__((noinline)) void w4_gemv(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w,
+                                       const Panel& pn, int b0, const Groups* gr, const float* xs, const float* ws,
+                                       const float* bias, int N, float* y) {
+  w4_run<1, kPb>(xp, corr, Kp, w, pn, 0, 0, b0, gr, xs, ws, bias, N, y);
+}
+
+// Panels in order; T = 1 takes a whole panel per pass, otherwise MR x NB tiles over columns of
+// NB blocks (the first column also prefetches the next panel).
+template <int MR, int NB>
+void w4_panels(const int8_t* xp, const int32_t* corr, int T, int Kp, int Nb, const uint8_t* w, const Groups* gr,
+               const float* xs, const float* ws, const float* bias, int N, float* y) {
+  for (int p = 0; p * kPb < Nb; ++p) {
+    const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr / 2);
+    const int b0 = p * kPb;
+    if (T == 1 && pn.pb == kPb) {
+      w4_gemv(xp, corr, Kp, w, pn, b0, gr, xs, ws, bias, N, y);
+      continue;
+    }
+    int jb = 0;
+    const bool next = (p + 1) * kPb < Nb && pn.pb == kPb && kPrefetchPanels;
+    const Panel nx = panel_of(p + 1, Nb, static_cast<size_t>(Kp) * kNr / 2);
+    const size_t nx_bytes = next ? static_cast<size_t>(Kp / 8) * nx.gstride : 0;
+    for (; jb + NB <= pn.pb; jb += NB) {
+      w4_cols<MR, NB>(xp, corr, Kp, w, pn, jb, b0 + jb, T, gr, xs, ws, bias, N, y,
+                      next && jb == 0 ? w + nx.base : nullptr, nx_bytes);
+    }
+    for (; jb < pn.pb; ++jb) w4_cols<MR, 1>(xp, corr, Kp, w, pn, jb, b0 + jb, T, gr, xs, ws, bias, N, y);
+  }
 }
 
 void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
                 const float* ws, const float* bias, int N, float* y) {
   const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
-  const uint8_t* w = payload(w_packed);
   int32_t* corr;
   const int8_t* xp = prepare_x(x, T, K, Kp, 0, 8, &corr);
-  for (int p = 0; p * kPb < Nb; ++p) {
-    const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr / 2);
-    const int b0 = p * kPb;
-    if (T == 1 && pn.pb == kPb) {
-      w4_run<1, kPb>(xp, corr, Kp, w, pn, 0, 0, b0, xs, ws, bias, N, y);
-      continue;
-    }
-    int jb = 0;
-    const bool next = (p + 1) * kPb < Nb && pn.pb == kGemmNb && kPrefetchPanels;
-    const Panel nx = panel_of(p + 1, Nb, static_cast<size_t>(Kp) * kNr / 2);
-    const size_t nx_bytes = next ? static_cast<size_t>(Kp / 8) * nx.gstride : 0;
-    for (; jb + kGemmNb <= pn.pb; jb += kGemmNb) {
-      w4_cols<kGemmMr, kGemmNb>(xp, corr, Kp, w, pn, jb, b0 + jb, T, xs, ws, bias, N, y, next ? w + nx.base : nullptr,
-                                nx_bytes);
-    }
-    for (; jb < pn.pb; ++jb) w4_cols<kGemmMr, 1>(xp, corr, Kp, w, pn, jb, b0 + jb, T, xs, ws, bias, N, y);
-  }
+  w4_panels<kGemmMr, kGemmNb>(xp, corr, T, Kp, Nb, payload(w_packed), nullptr, xs, ws, bias, N, y);
+}
+
+// W4 weights are w + 8 on the unsigned side: the offset is 8 * sum_{k in g} x per group.
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn, const float* bias, int N,
+                        float* y) {
+  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
+  Groups gr{group_size, (K + group_size - 1) / group_size, ws_gn, nullptr};
+  const int8_t* xp = prepare_x_groups(x, T, K, Kp, group_size, 8, &gr.corr);
+  w4_panels<kGGemmMr, kGGemmNb>(xp, nullptr, T, Kp, Nb, payload(w_packed), &gr, xs, nullptr, bias, N, y);
 }
 
 // ---- op 3: W8 ---------------------------------------------------------------------------
@@ -319,37 +444,71 @@ void w8_pack(const void* canonical, int N, int K, void* packed) {
   }
 }
 
-template <int MR, int NB>
-inline void w8_run(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, int jb, const int32_t* wcorr, int t0,
-                   int b0, const float* xs, const float* ws, const float* bias, int N, float* y) {
-  __m512i acc[MR][NB];
+// MR tokens x NB blocks over the 4-k quads [q0, q0 + nq) (nq even: Kp and G are multiples of 8).
+// Op 3 (kWeightsUnsigned false): x ^ 0x80 = x + 128 is the unsigned operand, the weights signed.
+// Op 3g (true): x signed and w ^ 0x80 = w + 128 unsigned (one xor per loaded vector, shared by
+// the MR tokens), so the offset to take back is 128 * sum_{k in g} x[t][k], per token and group,
+// from the activations; op 3's 128 * sum_k w (stored per row by w8_pack) would be needed per row
+// *and* group.
+template <int MR, int NB, bool kWeightsUnsigned>
+inline void w8_tile(const int8_t* xb, int Kp, const int8_t* wb, size_t gstride, int q0, int nq,
+                    const __m512i (&init)[MR], __m512i (&acc)[MR][NB]) {
   for (int m = 0; m < MR; ++m) {
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_si512();
+    for (int j = 0; j < NB; ++j) acc[m][j] = init[m];
   }
-  const int8_t* wb = w + pn.base + jb * 64;
-  const int8_t* xb = xp + static_cast<size_t>(t0) * Kp;
-  for (int g = 0; g < Kp / 4; g += 2) {  // Kp is a multiple of 8: groups come in pairs
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int g = q0; g < q0 + nq; g += 2) {
     for (int u = 0; u < 2; ++u) {
       __m512i wv[NB];
-      for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wb + (g + u) * pn.gstride + j * 64);
+      for (int j = 0; j < NB; ++j) {
+        wv[j] = _mm512_loadu_si512(wb + (g + u) * gstride + j * 64);
+        if (kWeightsUnsigned) wv[j] = _mm512_xor_si512(wv[j], flip);
+      }
       for (int m = 0; m < MR; ++m) {
         const __m512i xv = _mm512_set1_epi32(load_i32(xb + static_cast<size_t>(m) * Kp + 4 * (g + u)));
-        for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbusd_epi32(acc[m][j], xv, wv[j]);
+        for (int j = 0; j < NB; ++j) {
+          acc[m][j] = kWeightsUnsigned ? _mm512_dpbusd_epi32(acc[m][j], wv[j], xv)
+                                       : _mm512_dpbusd_epi32(acc[m][j], xv, wv[j]);
+        }
       }
-    }
-  }
-  for (int j = 0; j < NB; ++j) {
-    const __m512i c = _mm512_loadu_si512(wcorr + (b0 + j) * kNr);
-    for (int m = 0; m < MR; ++m) {
-      epilogue_store(y + static_cast<size_t>(t0 + m) * N, (b0 + j) * kNr, N, _mm512_sub_epi32(acc[m][j], c),
-                     xs[t0 + m], ws, bias);
     }
   }
 }
 
 template <int MR, int NB>
+inline void w8_run(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, int jb, const int32_t* wcorr, int t0,
+                   int b0, const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y) {
+  const int8_t* wb = w + pn.base + jb * 64;
+  const int8_t* xb = xp + static_cast<size_t>(t0) * Kp;
+  __m512i acc[MR][NB], init[MR];
+  if (!gr) {
+    for (int m = 0; m < MR; ++m) init[m] = _mm512_setzero_si512();
+    w8_tile<MR, NB, false>(xb, Kp, wb, pn.gstride, 0, Kp / 4, init, acc);
+    for (int j = 0; j < NB; ++j) {
+      const __m512i c = _mm512_loadu_si512(wcorr + (b0 + j) * kNr);
+      for (int m = 0; m < MR; ++m) {
+        epilogue_store(y + static_cast<size_t>(t0 + m) * N, (b0 + j) * kNr, N, _mm512_sub_epi32(acc[m][j], c),
+                       xs[t0 + m], ws, bias);
+      }
+    }
+    return;
+  }
+  __m512 s[MR][NB];
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < NB; ++j) s[m][j] = _mm512_setzero_ps();
+  }
+  const int gq = gr->G / 4, nq = Kp / 4;
+  for (int g = 0; g < gr->ng; ++g) {
+    group_init<MR>(*gr, g, t0, init);
+    w8_tile<MR, NB, true>(xb, Kp, wb, pn.gstride, g * gq, std::min(gq, nq - g * gq), init, acc);
+    group_fold<MR, NB>(acc, *gr, g, b0 * kNr, N, s);
+  }
+  group_store<MR, NB>(s, t0, b0 * kNr, xs, bias, N, y);
+}
+
+template <int MR, int NB>
 inline void w8_cols(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, int jb, const int32_t* wcorr, int b0,
-                    int T, const float* xs, const float* ws, const float* bias, int N, float* y,
+                    int T, const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y,
                     const int8_t* pf = nullptr, size_t pf_bytes = 0) {  // pf: as in w4_cols
   const size_t slice = pf ? (pf_bytes / (T / MR + 1) + 64) & ~size_t(63) : 0;
   size_t done = 0;
@@ -358,9 +517,31 @@ inline void w8_cols(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, 
     for (size_t e = std::min(done + slice, pf_bytes); done < e; done += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(pf + done), _MM_HINT_T1);
     }
-    w8_run<MR, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, xs, ws, bias, N, y);
+    w8_run<MR, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, gr, xs, ws, bias, N, y);
   }
-  for (; t < T; ++t) w8_run<1, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, xs, ws, bias, N, y);
+  for (; t < T; ++t) w8_run<1, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, gr, xs, ws, bias, N, y);
+}
+
+template <int MR, int NB>
+void w8_panels(const int8_t* xp, int T, int Kp, int Nb, const int8_t* w, const int32_t* wcorr, const Groups* gr,
+               const float* xs, const float* ws, const float* bias, int N, float* y) {
+  for (int p = 0; p * kPb < Nb; ++p) {
+    const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr);
+    const int b0 = p * kPb;
+    if (T == 1 && pn.pb == kPb) {
+      w8_run<1, kPb>(xp, Kp, w, pn, 0, wcorr, 0, b0, gr, xs, ws, bias, N, y);
+      continue;
+    }
+    int jb = 0;
+    const bool next = (p + 1) * kPb < Nb && pn.pb == kPb && kPrefetchPanels;
+    const Panel nx = panel_of(p + 1, Nb, static_cast<size_t>(Kp) * kNr);
+    const size_t nx_bytes = next ? static_cast<size_t>(Kp / 4) * nx.gstride : 0;
+    for (; jb + NB <= pn.pb; jb += NB) {
+      w8_cols<MR, NB>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, gr, xs, ws, bias, N, y,
+                      next && jb == 0 ? w + nx.base : nullptr, nx_bytes);
+    }
+    for (; jb < pn.pb; ++jb) w8_cols<MR, 1>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, gr, xs, ws, bias, N, y);
+  }
 }
 
 void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
@@ -370,23 +551,17 @@ void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T
   const int32_t* wcorr = reinterpret_cast<const int32_t*>(w + static_cast<size_t>(Np) * Kp);
   int32_t* unused;
   const int8_t* xp = prepare_x(x, T, K, Kp, 0x80, 0, &unused);
-  for (int p = 0; p * kPb < Nb; ++p) {
-    const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr);
-    const int b0 = p * kPb;
-    if (T == 1 && pn.pb == kPb) {
-      w8_run<1, kPb>(xp, Kp, w, pn, 0, wcorr, 0, b0, xs, ws, bias, N, y);
-      continue;
-    }
-    int jb = 0;
-    const bool next = (p + 1) * kPb < Nb && pn.pb == kW8Nb && kPrefetchPanels;
-    const Panel nx = panel_of(p + 1, Nb, static_cast<size_t>(Kp) * kNr);
-    const size_t nx_bytes = next ? static_cast<size_t>(Kp / 4) * nx.gstride : 0;
-    for (; jb + kW8Nb <= pn.pb; jb += kW8Nb) {
-      w8_cols<kW8Mr, kW8Nb>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, xs, ws, bias, N, y, next ? w + nx.base : nullptr,
-                            nx_bytes);
-    }
-    for (; jb < pn.pb; ++jb) w8_cols<kW8Mr, 1>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, xs, ws, bias, N, y);
-  }
+  w8_panels<kW8Mr, kW8Nb>(xp, T, Kp, Nb, w, wcorr, nullptr, xs, ws, bias, N, y);
+}
+
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn, const float* bias, int N,
+                        float* y) {
+  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
+  Groups gr{group_size, (K + group_size - 1) / group_size, ws_gn, nullptr};
+  const int8_t* xp = prepare_x_groups(x, T, K, Kp, group_size, 128, &gr.corr);
+  w8_panels<kGW8Mr, kGW8Nb>(xp, T, Kp, Nb, reinterpret_cast<const int8_t*>(payload(w_packed)), nullptr, &gr, xs,
+                            nullptr, bias, N, y);
 }
 
 // ---- op 4 -------------------------------------------------------------------------------
@@ -863,9 +1038,10 @@ void gemm_f16(const uint16_t* x, int T, int K, const void* w_packed, int N, uint
 
 const KernelTable* x86_avx512vnni_table() {
   static const KernelTable kTable = {
-      Isa::kAvx512Vnni, quantize_rows,   w4_packed_size, w4_pack,  qlinear_w4,      w8_packed_size,
-      w8_pack,          qlinear_w8,      attn_qk,        attn_pv,  f32_packed_size, f32_pack,
-      gemm_f32,         f16_packed_size, f16_pack,       gemm_f16,
+      Isa::kAvx512Vnni,   quantize_rows,   w4_packed_size, w4_pack,         qlinear_w4,
+      w8_packed_size,     w8_pack,         qlinear_w8,     qlinear_w4_grouped,
+      qlinear_w8_grouped, attn_qk,         attn_pv,        f32_packed_size, f32_pack,
+      gemm_f32,           f16_packed_size, f16_pack,       gemm_f16,
   };
   return &kTable;
 }

@@ -429,3 +429,22 @@ def test_bad_inputs(exported, tmp_path):
     (tmp_path / "run" / "qat-w4a4-8").mkdir(parents=True)
     msg = _one_line_error([PY, "-m", "tfqat.export", "--run", str(tmp_path / "run")])
     assert "no trained model" in msg
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-dyn", "w4a8-dyn", "w4a4-8-dyn"])
+def test_dyn_recipes_parity(recipe, tmp_path, ops_lib):
+    """The pretrained-model recipes (grouped GPTQ weights, SmoothQuant folded, dynamic per-token
+    activations incl. o_proj's input, per-row probabilities) export to an integer graph that
+    computes what the Keras student computes: prefill and decode within the parity bound."""
+    from tfqat.export import export_models
+    from tfqat.runtime import LiteModel
+
+    _, student = _micro(recipe, seed=5)
+    res = export_models(student, None, tmp_path)
+    assert res["manifest_data"]["oproj"] == "dynamic8"  # o_proj runs integer, as trained
+    m = LiteModel(tmp_path / "model.tflite", lib=ops_lib)
+    x = np.random.default_rng(6).integers(0, MICRO["vocab_size"], 40)
+    assert np.abs(m.prefill(x) - _keras_logits(student, x)).max() <= BOUND
+    m.prefill(x[:28])
+    steps = np.stack([m.decode(int(t)) for t in x[28:]])
+    assert np.abs(steps - _keras_logits(student, x, prefill_len=28)[28:]).max() <= BOUND

@@ -183,7 +183,7 @@ class Recorder(keras.layers.Layer):
         super().__init__(**kwargs)
         self.record = record  # a function: Keras would copy a dict attribute into a TrackedDict
 
-    def call(self, x, bits=None):
+    def call(self, x, bits=None, token_axis=None):
         self.record(tuple(x.shape), None if bits is None else bits.numpy())
         return x
 
@@ -223,6 +223,7 @@ def test_token_bits_threading():
         for name in ("v", "mlp_in", "mlp_act"):
             np.testing.assert_array_equal(received(l, name), layer_bits[l])
         assert received(l, "probs") is None
+        assert received(l, "o_in") is None  # o_proj's input: one bit width for every token
     assert log[(0, "q")][0] == (b, cfg.heads, t, cfg.head_dim)
     assert model.blocks[0].quant_points()["k"] is model.blocks[0].k
 

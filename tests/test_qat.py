@@ -97,14 +97,18 @@ def test_every_slot_gets_its_quantizer(name):
             assert isinstance(lin.weight_quantizer, WeightQuantizer)
             assert lin.weight_quantizer.spec.bits == recipe.w_bits
         for point_name, point in block.quant_points().items():
-            bits = {"act": recipe.a_bits, "kv": recipe.kv_bits, "probs": recipe.probs_bits}[ACT_SLOTS[point_name]]
+            o_in = min(8, recipe.a_bits) if "o_in" in recipe.dynamic else None
+            bits = {"act": recipe.a_bits, "kv": recipe.kv_bits, "probs": recipe.probs_bits,
+                    "o_in": o_in}[ACT_SLOTS[point_name]]
             if bits is None:
                 assert point.quantizer is None
                 continue
             q = point.quantizer
             assert isinstance(q, ActQuantizer) and q.spec.bits == bits
             assert q.spec.signed == (point_name != "probs")
-            assert q.spec.adaptive == (recipe.adaptive and point_name != "probs")
+            assert q.spec.adaptive == (recipe.adaptive and point_name not in ("probs", "o_in"))
+            want = ("tensor" if point_name not in recipe.dynamic else "row" if point_name == "probs" else "token")
+            assert q.spec.granularity == want
     assert (student.token_bits is not None) == recipe.adaptive
 
 

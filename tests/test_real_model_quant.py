@@ -188,11 +188,12 @@ def test_dyn_recipes():
     assert qs["block_0/v"].spec.granularity == "tensor"
     assert qs["block_0/q"].spec.granularity == "token" and qs["block_0/q"].spec.adaptive
     assert qs["block_0/q_proj"].spec.group_size == 32
+    assert qs["block_0/probs"].spec.granularity == "row" and not qs["block_0/probs"].spec.signed
 
 
 @pytest.mark.parametrize("spec,words", [
     ({"base": "w4a8", "dynamic": ["v"]}, "V cannot be dynamic"),
-    ({"base": "w4a8", "dynamic": ["probs"]}, "dynamic point 'probs' is not supported"),
+    ({"base": "w4a8", "dynamic": ["mlp_out"]}, "dynamic point 'mlp_out' is not supported"),
     ({"base": "w4a8", "weight_group_size": 48}, "multiple of 32"),
     ({"base": "w4a8", "smooth": 1.5}, "SmoothQuant alpha"),
     ({"base": "w4a8", "weight_init": "awq"}, "weight_init='awq' is unknown"),

@@ -215,11 +215,11 @@ def _act_spec(where: str, quantizer, kinds=("static", "dynamic")) -> ActSpec:
         raise ExportError(f"{where}: {spec.bits}-bit activations"
                           f"{f'/{spec.low_bits}' if spec.adaptive else ''} are not supported by the "
                           "TFQAT kernels; use 8, 4 or token-adaptive 8/4")
-    if spec.granularity == "token":
-        if "dynamic" not in kinds:
-            raise ExportError(f"{where}: dynamic per-token quantization is not supported at this "
-                              "point (the attention kernels take one scale per token and tensor)")
-        return ActSpec(spec.bits, spec.adaptive, np.ones(2, np.float32), dynamic=True)
+    if spec.granularity != "tensor":
+        if ("dynamic" if spec.granularity == "token" else "row") not in kinds:
+            raise ExportError(f"{where}: dynamic {spec.granularity} quantization is not supported at this "
+                              "point; use a recipe whose dynamic list the kernels support")
+        return ActSpec(spec.bits, spec.adaptive, np.ones(2, np.float32), dynamic=True, signed=spec.signed)
     ex = quantizer.export()  # raises on an uninitialised quantizer
     if spec.adaptive:
         scales = np.array([ex[f"scale{spec.bits}"], ex[f"scale{spec.low_bits}"]], np.float32)
@@ -307,7 +307,7 @@ def spec_from_model(model, quantized: bool = True, rho: Optional[float] = None,
             for name in ("q", "k"):  # per-token scales: the quantize op's rows, ATTN_QK's q/k scales
                 points[name] = _act_spec(f"block {i} {name}", qp[name].quantizer)
             points["v"] = _act_spec(f"block {i} v", qp["v"].quantizer, ("static",))
-            probs = _act_spec(f"block {i} probs", qp["probs"].quantizer, ("static",))
+            probs = _act_spec(f"block {i} probs", qp["probs"].quantizer, ("static", "row"))
             if probs.signed:
                 raise ExportError(f"block {i} probs: softmax probabilities must be quantized "
                                   "unsigned (uint8 codes for TFQAT_ATTN_PV)")
@@ -328,6 +328,9 @@ def spec_from_model(model, quantized: bool = True, rho: Optional[float] = None,
                 if lin[names[0]].bias is not None:
                     linears[g + "_bias"] = np.concatenate([_np(lin[n].bias) for n in names])
         layers.append(LayerSpec(norms, linears, points))
+    o_in = {ls.points["o_in"].bits for ls in layers if "o_in" in ls.points}
+    if o_in:  # o_proj's input was quantized in training: the integer o_proj is the exact one
+        oproj = f"dynamic{max(o_in)}"
     recipe = getattr(model, "recipe", None)
     embed = _np(model.embed_tokens.embeddings)
     lm_head = None if model.lm_head is None else _np(model.lm_head.kernel)
@@ -720,11 +723,16 @@ def build_module(spec: ModelSpec):
             p = tf.nn.softmax(scores, axis=-1)  # [H, T, S]
             ps = lv["ps"]
             pmax = float(2 ** pts["probs"].bits - 1)
-            # unsigned codes, one scale; ATTN_PV (p_max) quantizes the whole of p itself, only
-            # column 0 is needed here
-            p0_codes = tf.clip_by_value(tf.round(p[:, :, 0] / ps[0]), 0.0, pmax)  # [H, T]
+            # unsigned codes, one scale (or one per (head, query) row: p_mode 1); ATTN_PV (p_max)
+            # quantizes the whole of p itself, only column 0 is needed here
+            if pts["probs"].dynamic:  # entries past the valid part are exactly 0 after softmax(-inf)
+                m = tf.reduce_max(p, axis=-1)  # [H, T]
+                p_row = tf.where(m > 0.0, m / pmax, tf.ones_like(m))
+            else:
+                p_row = ps[0]
+            p0_codes = tf.clip_by_value(tf.round(p[:, :, 0] / p_row), 0.0, pmax)  # [H, T]
             # importance of token t: attention paid to token 0, summed over heads (Eq. 14)
-            importance = tf.reduce_sum(p0_codes * ps[0], axis=0)  # [T]
+            importance = tf.reduce_sum(p0_codes * p_row, axis=0)  # [T]
             self.last_importance = importance  # read by token pruning (tfqat.agile.prune_export)
             thr = None
             if adaptive:
@@ -751,7 +759,8 @@ def build_module(spec: ModelSpec):
                 vb_all = _dus(cache["vb"], vb, positions[0])
             o = attn_pv_op(p, ps, _as_uint8(tf, v_all, _kv_bits(pts["v"])),
                            vb_all, lv["act"]["v"], length,
-                           kv_bits=_kv_bits(pts["v"]), d=D, p_max=int(pmax))  # [H, T, D]
+                           kv_bits=_kv_bits(pts["v"]), d=D, p_max=int(pmax),
+                           **({"p_mode": 1} if pts["probs"].dynamic else {}))  # [H, T, D]
             o = tf.reshape(tf.transpose(o, [1, 0, 2]), [t, H * D])
             if "o_float" in lv["lin"]:
                 o = tf.matmul(o, lv["lin"]["o_float"])
@@ -1050,7 +1059,7 @@ def check_export(data: bytes, spec: ModelSpec) -> dict:
     for ls in spec.layers:
         for g, p in ls.linears.items():
             if isinstance(p, QLinearSpec):
-                allowed += p.n + (0 if p.bias is None else p.n)
+                allowed += p.scales.size + (0 if p.bias is None else p.n)
             elif p is not None:
                 allowed += p.size
         allowed += 8 * 2 + 4 * cfg.hidden

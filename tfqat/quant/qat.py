@@ -63,7 +63,8 @@ def _act_rule(recipe: Recipe, bits: Optional[int], point: str = "") -> Optional[
 SLOT_RULES: dict[str, Callable[[Recipe, str], Optional[keras.layers.Layer]]] = {
     "act": lambda r, p: _act_rule(r, r.a_bits, p),
     "kv": lambda r, p: _act_rule(r, r.kv_bits, p),
-    "probs": lambda r, p: None if r.probs_bits is None else ActQuantizer(r.probs_bits, signed=False, init="minmax"),
+    "probs": lambda r, p: None if r.probs_bits is None else ActQuantizer(
+        r.probs_bits, granularity="row" if "probs" in r.dynamic else "tensor", signed=False, init="minmax"),
     # o_proj's input: 8-bit at most and one width for every token (the kernels' dynamic8 o_proj)
     "o_in": lambda r, p: (ActQuantizer(min(8, r.a_bits), granularity="token") if "o_in" in r.dynamic
                           else None),

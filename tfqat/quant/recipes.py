@@ -186,9 +186,10 @@ class Recipe:
                 + extra)
 
 
-# Points that may take per-token dynamic scales: every one the kernels quantize per row (V's
-# cache rows share one scale per bit group; probabilities have a fixed range).
-DYNAMIC_POINTS = ("attn_in", "q", "k", "o_in", "mlp_in", "mlp_act")
+# Points that may take dynamic scales: every one the kernels quantize per row (V's cache rows
+# share one scale per bit group). "probs" means one scale per (head, query) row, max_s p / 255:
+# with long contexts a single static scale rounds a diffuse head's probabilities to zero.
+DYNAMIC_POINTS = ("attn_in", "q", "k", "o_in", "mlp_in", "mlp_act", "probs")
 _DYN = DYNAMIC_POINTS
 
 RECIPES: dict[str, Recipe] = {

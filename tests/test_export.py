@@ -388,6 +388,32 @@ def test_generate_cli_streams(exported):
     assert s[0] == s[1]  # seeded sampling is reproducible
 
 
+def test_generate_chat_template(exported, tmp_path):
+    """--chat: the ChatML turns an instruct model continues; a tokenizer without its tokens is refused."""
+    from tfqat.generate import chat_prompt
+
+    assert chat_prompt("Hi?", "Be brief.") == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                                               "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n")
+    env = {**os.environ, "TFQAT_OPS_LIB": exported["lib"]}
+    err = _one_line_error([PY, "-m", "tfqat.generate", "--model", str(exported["dir"] / "model.tflite"),
+                           "--prompt", "Hi", "--chat"], env)
+    assert "--chat needs a tokenizer with <|im_start|>" in err
+    # a tokenizer that has them: the chat tokens are single ids and generation stops at <|im_end|>
+    from tokenizers import Tokenizer
+
+    from tfqat.data import train_tokenizer
+
+    tok = Tokenizer.from_str(train_tokenizer([TEXT], MICRO["vocab_size"] - 2).to_str())
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    assert tok.get_vocab_size() <= MICRO["vocab_size"]
+    (tmp_path / "tokenizer.json").write_text(tok.to_str())
+    cmd = [PY, "-m", "tfqat.generate", "--model", str(exported["dir"] / "model.tflite"), "--prompt", "Hi",
+           "--chat", "--tokenizer", str(tmp_path / "tokenizer.json"), "--max-new-tokens", "6"]
+    a = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert a.returncode == 0, a.stderr[-2000:]
+    assert a.stdout.startswith("Hi\n")
+
+
 def _one_line_error(cmd, env=None):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=180)
     assert proc.returncode == 2, (proc.stdout, proc.stderr[-2000:])

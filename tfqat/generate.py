@@ -2,7 +2,8 @@
 
 Greedy by default; ``--temperature T`` samples (with ``--top-k K`` and ``--seed S``). The tokenizer
 is ``tokenizer.json`` next to the model (written by ``python -m tfqat.export``) or ``--tokenizer``.
-Imports no TensorFlow: LiteRT, our delegate library and the ``tokenizers`` package only.
+``--chat`` wraps the prompt in the ChatML template that instruct models such as SmolLM2-Instruct were
+tuned on (``<|im_start|>role\n...<|im_end|>``) and stops at ``<|im_end|>``. Imports no TensorFlow: LiteRT, our delegate library and the ``tokenizers`` package only.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ from pathlib import Path
 from typing import Optional
 
 EOS = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def chat_prompt(user: str, system: Optional[str]) -> str:
+    """The ChatML conversation an instruct model continues with its answer."""
+    turns = ([("system", system)] if system else []) + [("user", user)]
+    return "".join(f"{IM_START}{role}\n{text}{IM_END}\n" for role, text in turns) + f"{IM_START}assistant\n"
 
 
 def load_tokenizer(model_path: Path, tokenizer: Optional[str] = None):
@@ -41,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--allow-float", action="store_true", help="accept a model without TFQAT ops")
     ap.add_argument("--stats", action="store_true", help="print ms/token to stderr")
+    ap.add_argument("--chat", action="store_true",
+                    help="wrap the prompt in the ChatML template of instruct models (SmolLM2-Instruct)")
+    ap.add_argument("--system", help="with --chat: a system message")
     return ap
 
 
@@ -53,22 +64,31 @@ def main(argv: Optional[list] = None) -> int:
         tok = load_tokenizer(model_path, args.tokenizer)
         model = LiteModel(model_path, lib=args.lib, num_threads=args.threads,
                           allow_float=args.allow_float or model_path.name == "model_float.tflite")
-        ids = tok.encode(args.prompt).ids
+        text_in = args.prompt
+        stops = []
+        if args.chat:
+            if tok.token_to_id(IM_START) is None or tok.token_to_id(IM_END) is None:
+                raise TfqatRuntimeError(f"--chat needs a tokenizer with {IM_START} and {IM_END} tokens (an "
+                                        "instruct model's); drop --chat for plain continuation")
+            text_in = chat_prompt(args.prompt, args.system)
+            stops.append(tok.token_to_id(IM_END))
+        ids = tok.encode(text_in).ids
         if not ids:
             raise TfqatRuntimeError("the prompt encodes to no tokens; give some text")
         if len(ids) > model.capacity:
             raise TfqatRuntimeError(f"prompt is {len(ids)} tokens but the model's context is "
                                     f"{model.capacity}; shorten it")
         eos = tok.token_to_id(EOS)
-        sys.stdout.write(args.prompt)
+        stops += [] if eos is None else [eos]
+        sys.stdout.write(args.prompt + ("\n" if args.chat else ""))
         sys.stdout.flush()
         out, t0, t_first = [], time.perf_counter(), None
         text_so_far = ""
         for t in model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                                stop=() if eos is None else (eos,)):
+                                stop=tuple(stops)):
             if t_first is None:
                 t_first = time.perf_counter()
-            if t == eos:
+            if t in stops:
                 break
             out.append(t)
             text = tok.decode(out)

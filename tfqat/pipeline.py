@@ -236,6 +236,7 @@ def ptq_stage(cfg: RunConfig, data, teacher, progress: bool = True) -> list[dict
     """RTN post-training quantization rows (``cfg.qat.ptq_recipes``): calibrate, evaluate."""
     from .evaluate import evaluate_model
     from .quant.qat import logprob_fn, model_size_bytes, rtn_student
+    from .quant.recipes import get_recipe
 
     rows = []
     for name in cfg.qat.ptq_recipes:
@@ -247,7 +248,9 @@ def ptq_stage(cfg: RunConfig, data, teacher, progress: bool = True) -> list[dict
                               cfg.qat.train.batch_size, cfg.qat.train.seed,
                               *([] if cfg.qat.act_calibration == "lsq" else [cfg.qat.act_calibration]))
         ev = cached_eval(cfg.run_dir / "rtn" / f"eval_{name}.json", fp, run)
-        rows.append(result_row("RTN", name, ev, model_size_bytes(cfg.model, name)["total"]))
+        r = get_recipe(name)
+        method = "RTN" if r.weight_init == "rtn" and r.smooth is None else "PTQ"
+        rows.append(result_row(method, name, ev, model_size_bytes(cfg.model, name)["total"]))
     return rows
 
 

@@ -486,7 +486,15 @@ def _initial_student(cfg, data, teacher: keras.Model, recipe: Recipe, qat, progr
 
 
 def rtn_student(cfg, data, teacher: keras.Model, recipe: RecipeLike) -> keras.Model:
-    """Post-training round-to-nearest quantization: quantize, calibrate, no training."""
+    """Post-training quantization: quantize and calibrate (SmoothQuant / GPTQ when the recipe
+    says so), no training. Expensive calibrations (GPTQ) are cached in the shared init stage."""
+    recipe = get_recipe(recipe)
+    if recipe.weight_init == "gptq" or recipe.smooth is not None:
+        qat = cfg.qat.model_copy(update={"blockwise": cfg.qat.blockwise.model_copy(update={"steps_per_block": 0})})
+        path, _ = _initial_student(cfg, data, teacher, recipe, qat, progress=False)
+        student = quantize_model(teacher, recipe, name="rtn")
+        student.load_weights(str(path))
+        return student
     student = quantize_model(teacher, recipe, name="rtn")
     calibrate(student, calibration_batches(cfg, data), act_init=cfg.qat.act_calibration)
     return student

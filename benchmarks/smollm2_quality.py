@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -52,15 +51,6 @@ def rows_table(e2e_steps: int, bw_steps: int) -> dict:
                     {"train": {"steps": e2e_steps, "seed": seed}, "losses": losses,
                      "blockwise": {"steps_per_block": bw_steps}})
     return rows
-
-
-def blimp_interval(acc: float, n: int) -> list:
-    """Wilson 95% interval of an accuracy over ``n`` pairs."""
-    z = 1.959964
-    d = 1 + z * z / n
-    c = (acc + z * z / (2 * n)) / d
-    h = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / d
-    return [c - h, c + h]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -99,6 +89,7 @@ def main(argv=None) -> int:
     from tfqat.evaluate import evaluate_model, keras_logprob_fn, perplexity
     from tfqat.export import export_models
     from tfqat.quant.qat import logprob_fn, qat_stage
+    from tfqat.report import blimp_interval
     from tfqat.runtime import LiteModel
 
     data = pipeline.load_data(cfg)

@@ -237,3 +237,16 @@ def test_blockwise_reconstruction_lowers_each_block_loss_and_resumes(recipe, tmp
     s0.set_weights(saved[0])
     for a, b in zip(w0, [v.numpy() for v in s0.blocks[0].trainable_variables]):
         np.testing.assert_array_equal(a, b)  # block 0 untouched by the resumed run
+
+
+def test_blimp_interval_and_report_table():
+    from tfqat.report import blimp_interval, results_table
+
+    lo, hi = blimp_interval(0.78, 6700)
+    assert lo < 0.78 < hi and abs((hi - lo) / 2 - 1.96 * np.sqrt(0.78 * 0.22 / 6700)) < 1e-3
+    lo1, hi1 = blimp_interval(1.0, 10)  # Wilson stays inside [0, 1] where the normal interval would not
+    assert 0.6 < lo1 < 0.75 and hi1 <= 1.0 + 1e-12
+    table = results_table([{"method": "FP", "perplexity": 27.4, "blimp": 0.78, "blimp_pairs": 6700},
+                           {"method": "PTQ", "recipe": "w8a8-dyn", "perplexity": 27.6, "blimp": 0.775,
+                            "blimp_pairs": 6700}])
+    assert "78.0 (77.0-79.0)" in table and "chance level: 50.0%" in table and "| 1.007 |" in table

@@ -229,7 +229,8 @@ def eval_fingerprint(cfg: RunConfig, data, *parts) -> str:
 
 def result_row(method: str, recipe: str, ev: dict, size_bytes: int, **extra) -> dict:
     return {"method": method, "recipe": recipe, "perplexity": ev["perplexity"],
-            "blimp": ev["blimp"]["overall"], "size_mb": size_bytes / 1e6, **extra}
+            "blimp": ev["blimp"]["overall"], "blimp_pairs": ev["blimp"]["pairs"], "size_mb": size_bytes / 1e6,
+            **extra}
 
 
 def ptq_stage(cfg: RunConfig, data, teacher, progress: bool = True) -> list[dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -17,16 +18,33 @@ def _fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+def blimp_interval(acc: float, n: int) -> list:
+    """Wilson 95% interval of an accuracy over ``n`` pairs (BLiMP pairs are the trials)."""
+    z = 1.959964
+    d = 1 + z * z / n
+    c = (acc + z * z / (2 * n)) / d
+    h = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / d
+    return [c - h, c + h]
+
+
 def results_table(rows: list[dict]) -> str:
-    """Markdown table: method, held-out perplexity (and ratio to FP), BLiMP overall, size."""
+    """Markdown table: method, held-out perplexity (and ratio to FP), BLiMP overall with its 95%
+    interval (chance is 50%), size."""
     fp = next((r["perplexity"] for r in rows if r.get("method") == "FP"), None)
-    lines = ["| method | recipe | perplexity | x FP | BLiMP overall | size (MB) |",
+    lines = ["| method | recipe | perplexity | x FP | BLiMP overall (95% CI) | size (MB) |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         ratio = r["perplexity"] / fp if fp and r.get("perplexity") else None
-        blimp = 100 * r["blimp"] if r.get("blimp") is not None else None
+        blimp = "—"
+        if r.get("blimp") is not None:
+            blimp = f"{100 * r['blimp']:.1f}"
+            if r.get("blimp_pairs"):
+                lo, hi = blimp_interval(r["blimp"], r["blimp_pairs"])
+                blimp += f" ({100 * lo:.1f}-{100 * hi:.1f})"
         lines.append(f"| {r['method']} | {r.get('recipe', 'fp32')} | {_fmt(r.get('perplexity'), '.3f')} | "
-                     f"{_fmt(ratio, '.3f')} | {_fmt(blimp, '.1f')} | {_fmt(r.get('size_mb'), '.2f')} |")
+                     f"{_fmt(ratio, '.3f')} | {blimp} | {_fmt(r.get('size_mb'), '.2f')} |")
+    lines.append("")
+    lines.append("BLiMP chance level: 50.0% (two sentences per pair).")
     return "\n".join(lines)
 
 

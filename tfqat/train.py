@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                                        lambda: evaluate_model(keras_logprob_fn(teacher), data, cfg, progress))
         t = lap("fp_eval", t)
         rows = [{"method": "FP", "recipe": "fp32", "perplexity": fp_eval["perplexity"],
-                 "blimp": fp_eval["blimp"]["overall"], "size_mb": fp_result["params"] * 4 / 1e6,
+                 "blimp": fp_eval["blimp"]["overall"], "blimp_pairs": fp_eval["blimp"]["pairs"],
+                 "size_mb": fp_result["params"] * 4 / 1e6,
                  "steps": fp_result["steps"], "tokens_seen": fp_result["tokens_seen"]}]
         curves = {"FP teacher": read_metrics(cfg.run_dir / "fp" / "metrics.csv")}
         extra: dict = {"fp": fp_result, "fp_eval": fp_eval}

@@ -294,13 +294,32 @@ def ref_attn_qk(q, qs, k, ks, length):
 
 
 def ref_attn_pv(p, ps, v, rowbits, vs, length):
+    """``ps``: one float32 scale, or [H, T] float32 scales, one per probability row."""
     h = p.shape[0]
     vv = np.repeat(v, h // v.shape[0], axis=0).astype(np.int64)[:, :length]
     pp = p.astype(np.int64)[:, :, :length]
     is4 = rowbits[:length] == 4
     acc8 = np.einsum("hts,hsd->htd", pp[:, :, ~is4], vv[:, ~is4])
     acc4 = np.einsum("hts,hsd->htd", pp[:, :, is4], vv[:, is4])
+    ps = ps[:, :, None] if np.ndim(ps) == 2 else ps
     return (acc8.astype(np.float32) * (ps * vs[0]) + acc4.astype(np.float32) * (ps * vs[1]))
+
+
+def ref_probs_per_row(pf, p_max, length):
+    """ATTN_PV p_mode=1: uint8 codes [H, T, S_cap] (0 past ``length``) and the [H, T] scales.
+
+    Per row, over the first ``length`` positions: m = the max of the entries > 0 (NaN and
+    negatives ignored), scale = m / p_max (1 when m == 0), codes = clamp(round_half_even(p / scale),
+    0, p_max) with NaN -> 0; all in float32 with true divisions."""
+    pv = pf[:, :, :length]
+    with np.errstate(invalid="ignore"):
+        m = np.where(pv > 0, pv, np.float32(0)).max(axis=-1, initial=np.float32(0))
+        scale = np.where(m == 0, np.float32(1), m / np.float32(p_max)).astype(np.float32)
+        q = pv / scale[:, :, None]
+        codes = np.where(np.isnan(q), 0, np.clip(np.round(q), 0, p_max))
+    out = np.zeros(pf.shape, np.uint8)
+    out[:, :, :length] = codes.astype(np.uint8)
+    return out, scale
 
 
 def rand_bits(rng, t):
@@ -563,19 +582,25 @@ def test_attn_qk(lib, isa, kv_bits, length):
     np.testing.assert_array_equal(out["scores"], ref_attn_qk(q, qs, k_codes, ks, length))
 
 
-def run_attn_pv(lib, isa, p, ps, v_store, rowbits, vs, length, attrs):
-    """One TFQAT_ATTN_PV node on ``p`` ([H, T, S] uint8 codes, or float32 with ``p_max``)."""
+def run_attn_pv(lib, isa, p, ps, v_store, rowbits, vs, length, attrs, p_scales_out=False):
+    """One TFQAT_ATTN_PV node on ``p`` ([H, T, S] uint8 codes, or float32 with ``p_max``).
+    ``ps=None`` leaves input 1 out (-1); ``p_scales_out`` adds output 1 "p_scales" [H, T]."""
     h, t, _ = p.shape
     g = Graph()
-    ins = [g.input("p", p.dtype.type, p.shape), g.input("ps", np.float32, [1]),
+    ins = [g.input("p", p.dtype.type, p.shape),
+           -1 if ps is None else g.input("ps", np.float32, [1]),
            g.input("v_cache", v_store.dtype, v_store.shape),
            g.input("rowbits", np.int32, [len(rowbits)]), g.input("vs", np.float32, [2]),
            g.input("length", np.int32, [1])]
-    out_t = g.tensor("out", np.float32, [h, t, attrs["d"]])
-    g.op("TFQAT_ATTN_PV", ins, [out_t], attrs)
-    feeds = {"p": p, "ps": ps, "v_cache": v_store, "rowbits": rowbits, "vs": vs,
+    outs = [g.tensor("out", np.float32, [h, t, attrs["d"]])]
+    if p_scales_out:
+        outs.append(g.tensor("p_scales", np.float32, [h, t]))
+    g.op("TFQAT_ATTN_PV", ins, outs, attrs)
+    feeds = {"p": p, "v_cache": v_store, "rowbits": rowbits, "vs": vs,
              "length": np.array([length], np.int32)}
-    return run(g.build([out_t]), lib, feeds, {"isa": isa} if isa else None)[1]
+    if ps is not None:
+        feeds["ps"] = ps
+    return run(g.build(outs), lib, feeds, {"isa": isa} if isa else None)[1]
 
 
 @pytest.mark.parametrize("isa", [None] + ALL_ISAS)
@@ -680,6 +705,74 @@ def test_attn_q_layout_and_float_probabilities(lib, isa, kv_bits, t):
         out = run_attn_pv(lib, isa, pf, ps, v_store, rowbits, vs, length,
                           {"kv_bits": kv_bits, "d": d, "p_max": p_max})
         np.testing.assert_array_equal(out["out"], ref_attn_pv(codes, ps[0], v_codes, rowbits, vs, length))
+
+
+def causal_softmax(rng, h, t, s_cap, length):
+    """float32 softmax rows over ATTN_QK-style scores: -inf past each query's causal horizon
+    and past ``length``, so those entries are exactly 0."""
+    scores = (rng.standard_normal((h, t, s_cap)) * 3).astype(np.float32)
+    future = np.arange(s_cap)[None, :] > (length - t + np.arange(t))[:, None]
+    scores[:, future] = -np.inf
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", [None] + ALL_ISAS)
+@pytest.mark.parametrize("kv_bits", [4, 8])
+@pytest.mark.parametrize("t", [1, 3, 37])
+def test_attn_pv_per_row_probability_scales(lib, isa, kv_bits, t):
+    """ATTN_PV p_mode=1: every probability row (h, t) gets its own scale max_s p / p_max; output
+    1 returns the scales. Causal softmax rows plus an all-zero row, a row with NaN and negative
+    entries, a diffuse row and entries past S that would change the max if they were read; decode
+    (t=1), short and multi-block prefill (t=37 > the delegate's 16-query blocks)."""
+    rng = np.random.default_rng(90 + kv_bits + t)
+    h, hkv, d, s_cap = 4, 2, 13, 45
+    length = t + 5
+    pf = causal_softmax(rng, h, t, s_cap, length)
+    pf[0, t - 1, :] = 0.0                            # all zero: scale 1, codes 0
+    pf[1, 0, :length] = np.float32(1.0 / length)     # diffuse
+    pf[2, 0, 1:4] = [np.nan, -0.25, -0.0]            # NaN / negatives count as 0
+    pf[3, t - 1, length:] = 7.0                      # past S: never read
+    v_codes, v_store = cache(rng, kv_bits, hkv, s_cap, d)
+    rowbits = rand_bits(rng, s_cap)
+    rowbits[length:] = 0
+    vs = np.array([0.02, 0.3], np.float32)
+    for p_max in (255, 15):
+        codes, scales = ref_probs_per_row(pf, p_max, length)
+        want = ref_attn_pv(codes, scales, v_codes, rowbits, vs, length)
+        attrs = {"kv_bits": kv_bits, "d": d, "p_max": p_max, "p_mode": 1}
+        # p_scale given (and ignored: a value that would change every code) and left out
+        out = run_attn_pv(lib, isa, pf, np.array([1e-9], np.float32), v_store, rowbits, vs, length,
+                          attrs, p_scales_out=True)
+        assert_same_bits(out["p_scales"], scales)
+        assert_same_bits(out["out"], want)
+        out = run_attn_pv(lib, isa, pf, None, v_store, rowbits, vs, length, attrs)
+        assert_same_bits(out["out"], want)
+    assert scales[0, t - 1] == 1.0 and scales[3, t - 1] < 1.0  # the cases above are what they say
+
+
+def test_attn_pv_per_row_scales_keep_diffuse_heads(lib):
+    """Why p_mode=1: over 1024 positions a diffuse head's probabilities are all below 1/510, so
+    one static scale 1/255 makes every code 0 and the head's output 0; its own row scale keeps
+    the output within 1% of the float P V. Output 1 of a p_mode=0 node is p_scale everywhere."""
+    rng = np.random.default_rng(95)
+    h, hkv, t, d, s_cap = 2, 1, 1, 16, 1024
+    logits = rng.standard_normal((h, t, s_cap)).astype(np.float32) * np.float32(0.1)
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    pf = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    assert pf.max() < 1 / 510
+    v_codes, v_store = cache(rng, 8, hkv, s_cap, d)
+    rowbits = np.full(s_cap, 8, np.int32)
+    vs = np.array([0.02, 0.3], np.float32)
+    exact = np.einsum("hts,sd->htd", pf.astype(np.float64), v_codes[0].astype(np.float64) * vs[0])
+    ps = np.array([1 / 255], np.float32)
+    static = run_attn_pv(lib, None, pf, ps, v_store, rowbits, vs, s_cap,
+                         {"kv_bits": 8, "d": d, "p_max": 255}, p_scales_out=True)
+    assert (static["out"] == 0).all()
+    assert (static["p_scales"] == ps[0]).all()
+    dyn = run_attn_pv(lib, None, pf, None, v_store, rowbits, vs, s_cap,
+                      {"kv_bits": 8, "d": d, "p_max": 255, "p_mode": 1})
+    assert np.abs(dyn["out"] - exact).max() <= 0.01 * np.abs(exact).max()
 
 
 def test_chain_with_builtin_ops(lib):
@@ -879,6 +972,37 @@ def test_prepare_rejects_unknown_op_and_attention_shapes(lib):
         y = g.tensor("o", np.float32, [2, 2, 8])
         g.op("TFQAT_ATTN_PV", ins, [y], {"kv_bits": 8, "d": 8, "p_max": p_max})
         assert_matches(prepare_error(g.build([y]), lib), r"TFQAT_ATTN_PV node 0: " + pattern)
+
+
+@pytest.mark.parametrize("attrs,p_type,outs,ps_absent,pattern", [
+    ({"p_mode": 1}, np.uint8, 1, False,
+     r"attr p_mode=1 \(a dynamic scale per probability row\) needs float probabilities in: "
+     r"set p_max in \[1, 255\], got p_max=0(?!\d)"),
+    ({"p_mode": 2, "p_max": 255}, np.float32, 1, False,
+     r"attr p_mode must be 0 \(one static p_scale\) or 1 \(a dynamic scale per probability "
+     r"row\), got 2(?!\d)"),
+    ({"p_mode": -1, "p_max": 255}, np.float32, 1, False, r"attr p_mode must be 0 .* got -1(?!\d)"),
+    ({"p_mode": "1", "p_max": 255}, np.float32, 1, False,
+     r"attr p_mode must be an int, got string"),
+    ({"p_mode": 1, "p_max": 255}, np.uint8, 1, False,
+     r"input 0 \(probabilities\) must be float32 \[H, T, S_cap=6\] for p_max > 0, got uint8"),
+    ({"p_max": 255}, np.float32, 1, True, r"input 1 \(p_scale\) must be float32 \[1\], got absent"),
+    ({"p_mode": 1, "p_max": 255}, np.float32, 3, False, r"expects 1 or 2 outputs, got 3"),
+    ({"p_mode": 1, "p_max": 255}, np.float32, "int32", False,
+     r"output 1 \(p_scales\) must be float32 \[H=2, T=3\], got int32 \[2, 3\]"),
+])
+def test_attn_pv_p_mode_prepare_errors(lib, attrs, p_type, outs, ps_absent, pattern):
+    g = Graph()
+    ins = [g.input("p", p_type, [2, 3, 6]), -1 if ps_absent else g.input("ps", np.float32, [1]),
+           g.input("v", np.int8, [2, 6, 8]), g.input("rb", np.int32, [6]),
+           g.input("vs", np.float32, [2]), g.input("len", np.int32, [1])]
+    ys = [g.tensor("o", np.float32, [2, 3, 8])]
+    if outs == "int32":
+        ys.append(g.tensor("ps_out", np.int32, [2, 3]))
+    else:
+        ys += [g.tensor(f"ps_out{i}", np.float32, [2, 3]) for i in range(1, outs)]
+    g.op("TFQAT_ATTN_PV", ins, ys, {"kv_bits": 8, "d": 8, **attrs})
+    assert_matches(prepare_error(g.build(ys), lib), r"TFQAT_ATTN_PV node 0: " + pattern)
 
 
 def test_invoke_rejects_bad_runtime_values(lib):
@@ -1136,3 +1260,125 @@ def test_qlinear_op_grouped_body_keeps_the_contract_order():
     assert_same_bits(run_op(x, bits).numpy(), want)
     with pytest.raises(ValueError, match="group_size=48 must be 0"):
         qlinear_op(x, bits, act, pack_int4(w), ws, w_bits=4, k=k, group_size=48)
+
+
+@pytest.mark.parametrize("kv_bits,p_mode,return_p_scales", [(4, 1, True), (8, 1, False),
+                                                             (8, 0, True)])
+def test_attn_pv_op_converts_to_a_delegated_attn_pv(lib, kv_bits, p_mode, return_p_scales):
+    """tfqat.export.attn_pv_op with float probabilities comes out as one TFQAT_ATTN_PV with the
+    p_max attr, p_mode only when 1, and output 1 (the row scales) only when asked for; the
+    delegate reproduces the TF body bit for bit, and both equal the numpy reference (p_mode=1:
+    a NaN, an all-zero row and junk past S, which the op never reads)."""
+    tf = pytest.importorskip("tensorflow")
+    from tfqat.export import attn_pv_op
+
+    h, hkv, t, d, s_cap, length, p_max = 4, 2, 5, 13, 24, 11, 255
+    rng = np.random.default_rng(97 + kv_bits + p_mode)
+    pf = causal_softmax(rng, h, t, s_cap, length)
+    pf[0, 1, :] = 0.0
+    pf[1, 2, 3] = np.nan
+    pf[2, 4, length:] = 3.0
+    v_codes, v_store = cache(rng, kv_bits, hkv, s_cap, d)
+    rowbits = rand_bits(rng, s_cap)
+    rowbits[length:] = 0
+    vs = np.array([0.02, 0.3], np.float32)
+    ps = np.array([1 / 255], np.float32)
+
+    class PV(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.vs = tf.Variable(vs)
+            self.ps = tf.Variable(ps)
+
+        @tf.function(input_signature=[tf.TensorSpec(pf.shape, tf.float32),
+                                      tf.TensorSpec(v_store.shape, tf.as_dtype(v_store.dtype)),
+                                      tf.TensorSpec([s_cap], tf.int32),
+                                      tf.TensorSpec([1], tf.int32)])
+        def __call__(self, p, vc, rb, n):
+            return attn_pv_op(p, None if p_mode else self.ps, vc, rb, self.vs, n, kv_bits=kv_bits,
+                              d=d, p_max=p_max, p_mode=p_mode, return_p_scales=return_p_scales)
+
+    module = PV()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.__call__.get_concrete_function()], module)
+    converter.allow_custom_ops = True
+    model = converter.convert()
+
+    parsed = schema.ModelT.InitFromPackedBuf(model, 0)
+    sub = parsed.subgraphs[0]
+    (op,) = sub.operators
+    assert parsed.operatorCodes[op.opcodeIndex].customCode == b"TFQAT_ATTN_PV"
+    want_attrs = {"kv_bits": kv_bits, "d": d, "p_max": p_max, **({"p_mode": 1} if p_mode else {})}
+    assert flexbuffers.Loads(bytes(op.customOptions)) == want_attrs
+    assert len(op.inputs) == 6 and len(op.outputs) == (2 if return_p_scales else 1)
+
+    length_in = np.array([length], np.int32)
+    tf_out = module(pf, v_store, rowbits, length_in)
+    tf_out = [x.numpy() for x in (tf_out if return_p_scales else [tf_out])]
+    interp = Interpreter(model_content=model, experimental_delegates=[load_delegate(lib)])
+    got = interp.get_signature_runner()(p=pf, vc=v_store, rb=rowbits, n=length_in)
+    got = [got[k] for k in sorted(got)]  # output_0, output_1
+    if p_mode:
+        codes, scales = ref_probs_per_row(pf, p_max, length)
+    else:
+        q = np.round(pf / ps[0])
+        codes = np.where(np.isnan(q), 0, np.clip(q, 0, p_max)).astype(np.uint8)
+        scales = np.full((h, t), ps[0], np.float32)
+    want = [ref_attn_pv(codes, scales if p_mode else ps[0], v_codes, rowbits, vs, length), scales]
+    for g, b, w in zip(got, tf_out, want):
+        assert_same_bits(b, w)
+        assert_same_bits(g, b)
+
+
+def test_graph_side_row_scales_need_no_mask(lib):
+    """The row scales can also be recomputed in the graph without the op's valid-position mask:
+    after a softmax over ATTN_QK's -inf scores every future or invalid probability is exactly 0,
+    so max over all of S_cap / p_max (a true division: a division by a constant becomes a
+    multiplication by its reciprocal under grappler, hence divide_no_nan) is the op's scale. In
+    TF, and in LiteRT, whose SOFTMAX feeds the delegated op."""
+    tf = pytest.importorskip("tensorflow")
+    from tfqat.export import attn_pv_op
+
+    h, hkv, t, d, s_cap, length, p_max = 3, 1, 6, 8, 20, 9, 255
+    rng = np.random.default_rng(98)
+    scores = (rng.standard_normal((h, t, s_cap)) * 4).astype(np.float32)
+    future = np.arange(s_cap)[None, :] > (length - t + np.arange(t))[:, None]
+    scores[:, future] = -np.inf
+    v_codes, v_store = cache(rng, 8, hkv, s_cap, d)
+    rowbits = np.full(s_cap, 8, np.int32)
+    vs = np.array([0.02, 0.3], np.float32)
+
+    class Attn(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.vs = tf.Variable(vs)
+
+        @tf.function(input_signature=[tf.TensorSpec(scores.shape, tf.float32),
+                                      tf.TensorSpec(v_store.shape, tf.int8),
+                                      tf.TensorSpec([s_cap], tf.int32),
+                                      tf.TensorSpec([1], tf.int32)])
+        def __call__(self, s, vc, rb, n):
+            p = tf.nn.softmax(s, axis=-1)
+            o, rows = attn_pv_op(p, None, vc, rb, self.vs, n, kv_bits=8, d=d, p_max=p_max,
+                                 p_mode=1, return_p_scales=True)
+            return {"o": o, "rows": rows, "p": p,
+                    "recomputed": tf.math.divide_no_nan(tf.reduce_max(p, axis=-1), float(p_max))}
+
+    module = Attn()
+    length_in = np.array([length], np.int32)
+    tf_out = {k: v.numpy() for k, v in module(scores, v_store, rowbits, length_in).items()}
+    assert (tf_out["p"][:, future] == 0).all()
+    assert_same_bits(tf_out["recomputed"], tf_out["rows"])
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [module.__call__.get_concrete_function()], module)
+    converter.allow_custom_ops = True
+    interp = Interpreter(model_content=converter.convert(),
+                         experimental_delegates=[load_delegate(lib)])
+    got = interp.get_signature_runner()(s=scores, vc=v_store, rb=rowbits, n=length_in)
+    p = got["p"]
+    assert (p[:, future] == 0).all()
+    codes, rows = ref_probs_per_row(p, p_max, length)
+    assert_same_bits(got["rows"], p.max(axis=-1) / np.float32(p_max))
+    assert_same_bits(got["rows"], rows)
+    assert_same_bits(got["o"], ref_attn_pv(codes, rows, v_codes, rowbits, vs, length))

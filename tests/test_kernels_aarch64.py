@@ -88,6 +88,8 @@ def _check_testers(build_dir, cpu):
         assert f"{family}] " in out and " 0 failures" in out, out[-2000:]
         if family == "qlinear":  # op 3g (group-wise scales) ran too
             assert re.search(r"cases per variant, [1-9]\d* of them with group-wise scales", out), out
+        if family == "attention":  # op 4p + per-row probability scales (ATTN_PV p_mode=1) too
+            assert re.search(r"cases per variant, [1-9]\d* with float probabilities", out), out
         if family == "dispatch":
             assert f"[dispatch] default: {want_default}\n" in out, out
 

@@ -53,6 +53,8 @@ def test_kernels_host_ctest():
         assert re.search(rf"\[{family}\] \d+ checks, 0 failures", out), family
     # The qlinear tester also ran its group-wise-scale (op 3g) cases.
     assert re.search(r"\[qlinear\] \d+ cases per variant, [1-9]\d* of them with group-wise scales", out)
+    # ... and the attention tester its float-probability cases (op 4p, ATTN_PV p_mode=1).
+    assert re.search(r"\[attention\] \d+ cases per variant, [1-9]\d* with float probabilities", out)
 
 
 def test_kernels_sanitized_ctest():

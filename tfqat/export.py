@@ -505,28 +505,78 @@ def attn_qk_op(q_codes, q_scales, k_cache, k_scales, length, *, kv_bits: int, d:
 
 
 def attn_pv_op(p_codes, p_scale, v_cache, v_rowbits, v_scales, length, *, kv_bits: int, d: int,
-               p_max: int = 0):
+               p_max: int = 0, p_mode: int = 0, return_p_scales: bool = False):
     """TFQAT_ATTN_PV: [H, T, D] from uint8 probabilities and the (grouped) V cache. ``p_max > 0``:
-    p_codes is the float32 softmax output and the op quantizes it, ``clamp(round(p / p_scale),
-    0, p_max)`` (no ROUND / clip / CAST over [H, T, S] in the graph)."""
+    p_codes is the float32 softmax output and the op quantizes it, ``clamp(round(p / scale),
+    0, p_max)`` (no ROUND / clip / CAST over [H, T, S] in the graph).
+
+    Args:
+        p_max: 0 (default): ``p_codes`` is uint8 codes. 1..255: float32 probabilities, quantized
+            by the op to codes in [0, p_max].
+        p_mode: 0 (default): one scale, ``p_scale`` [1], for every probability row. 1 (needs
+            ``p_max``): a scale per row (h, t), ``m / p_max`` with ``m`` the row's max over the
+            ``length`` valid positions (NaN and negative entries count as 0), or 1.0 when
+            ``m == 0``; ``p_scale`` is then ignored and may be None. Emitted as the op's
+            ``p_mode`` attr only when 1, so p_mode=0 exports are unchanged.
+        return_p_scales: also return the op's output 1, the [H, T] float32 scale each
+            probability row used (``p_scale[0]`` everywhere with p_mode=0), e.g. to weigh token
+            importance with exactly the codes the op used.
+
+    Returns:
+        out [H, T, D] float32, or ``(out, p_scales)`` with ``return_p_scales``.
+
+    Raises:
+        ValueError: ``p_mode`` is not 0 or 1, or is 1 without ``p_max``.
+    """
     import tensorflow as tf
 
+    if p_mode not in (0, 1):
+        raise ValueError(f"attn_pv_op: p_mode={p_mode} must be 0 (one static p_scale) or 1 (a "
+                         "dynamic scale per probability row)")
+    if p_mode == 1 and not 1 <= p_max <= 255:
+        raise ValueError(f"attn_pv_op: p_mode=1 needs float probabilities in: set p_max in "
+                         f"[1, 255], got p_max={p_max}")
+    if p_scale is None:
+        if p_mode == 0:
+            raise ValueError("attn_pv_op: p_scale is required with p_mode=0")
+        p_scale = tf.zeros([1], tf.float32)  # input 1 is not read with p_mode=1
+
     def attn_pv(p, ps, vc, rowbits, vs, length):
-        if p_max:
-            p = tf.clip_by_value(tf.round(p / ps[0]), 0.0, float(p_max))
         h, t, s_cap = tf.shape(p)[0], tf.shape(p)[1], tf.shape(p)[2]
+        valid = tf.range(s_cap) < length[0]
+        if p_mode == 1:
+            # p > 0 is false for NaN: NaN, negatives and positions >= length become 0, which
+            # changes no max and quantizes to code 0 as the op's codes do.
+            pv = tf.where(tf.logical_and(valid[None, None, :], p > 0.0), p, 0.0)
+            m = tf.reduce_max(pv, axis=-1)  # [H, T]
+            # divide_no_nan: grappler rewrites a division by a constant into a multiplication
+            # by its reciprocal (not the true division of the contract); DivNoNan it leaves.
+            rows = tf.where(m == 0.0, tf.ones_like(m), tf.math.divide_no_nan(m, float(p_max)))
+            q = tf.round(pv / rows[:, :, None])
+            p = tf.where(q > 0.0, tf.minimum(q, float(p_max)), 0.0)  # NaN (inf / inf) -> 0
+            scale = rows[:, :, None]  # [H, T, 1]
+        else:
+            if p_max:
+                q = tf.round(p / ps[0])
+                p = tf.where(q > 0.0, tf.minimum(q, float(p_max)), 0.0)  # NaN -> 0, as the op
+            rows = tf.fill([h, t], ps[0]) if return_p_scales else None
+            scale = ps[0]
         v = _tf_unpack_int4(tf, vc, d) if kv_bits == 4 else tf.cast(vc, tf.int32)
         hkv = tf.shape(v)[0]
-        valid = tf.range(s_cap) < length[0]
         g8 = tf.cast(tf.logical_and(valid, tf.equal(rowbits, 8)), tf.int32)
         g4 = tf.cast(tf.logical_and(valid, tf.equal(rowbits, 4)), tf.int32)
         pi = tf.reshape(tf.cast(p, tf.int32), [hkv, -1, s_cap])
         acc8 = tf.reshape(tf.matmul(pi * g8[None, None, :], v), [h, t, d])
         acc4 = tf.reshape(tf.matmul(pi * g4[None, None, :], v), [h, t, d])
-        return (tf.cast(acc8, tf.float32) * (ps[0] * vs[0])
-                + tf.cast(acc4, tf.float32) * (ps[0] * vs[1]))
+        out = (tf.cast(acc8, tf.float32) * (scale * vs[0])
+               + tf.cast(acc4, tf.float32) * (scale * vs[1]))
+        return (out, rows) if return_p_scales else out
 
+    if return_p_scales:  # a second output: another function under the same attrs
+        attn_pv.__name__ = "attn_pv_with_p_scales"
     attrs = {"p_max": p_max} if p_max else {}
+    if p_mode:
+        attrs["p_mode"] = p_mode
     return _composite("TFQAT_ATTN_PV", attn_pv, kv_bits=kv_bits, d=d, **attrs)(
         p_codes, p_scale, v_cache, v_rowbits, v_scales, length)
 
@@ -725,9 +775,12 @@ def build_module(spec: ModelSpec):
             pmax = float(2 ** pts["probs"].bits - 1)
             # unsigned codes, one scale (or one per (head, query) row: p_mode 1); ATTN_PV (p_max)
             # quantizes the whole of p itself, only column 0 is needed here
-            if pts["probs"].dynamic:  # entries past the valid part are exactly 0 after softmax(-inf)
+            if pts["probs"].dynamic:
+                # the row scales ATTN_PV (p_mode 1) computes, needed here before it runs: entries past
+                # the valid part are exactly 0 after softmax(-inf); divide_no_nan is a true division
+                # (grappler rewrites x / constant into a multiply by the reciprocal, an ulp off)
                 m = tf.reduce_max(p, axis=-1)  # [H, T]
-                p_row = tf.where(m > 0.0, m / pmax, tf.ones_like(m))
+                p_row = tf.where(m > 0.0, tf.math.divide_no_nan(m, tf.fill(tf.shape(m), pmax)), tf.ones_like(m))
             else:
                 p_row = ps[0]
             p0_codes = tf.clip_by_value(tf.round(p[:, :, 0] / p_row), 0.0, pmax)  # [H, T]

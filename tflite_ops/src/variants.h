@@ -32,8 +32,11 @@ void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* bits, i
                         const float* bias, int N, float* y);
 void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits,
              const float* ks, int Hkv, int S, int s_cap, float* scores);
-void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits,
-             const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D, float* out);
+void attn_pv(const uint8_t* p, float ps, const float* ps_rows, int H, int T, int S, const void* v,
+             int kv_bits, const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D,
+             float* out);
+void quantize_probs(const float* p, int R, int S, size_t ld, int p_max, const float* ps_static,
+                    uint8_t* codes, size_t ldc, float* ps_out);
 size_t f32_packed_size(int N, int K);
 void f32_pack(const void* canonical, int N, int K, void* packed);
 void gemm_f32(const float* x, int T, int K, const void* w_packed, int N, float* y);

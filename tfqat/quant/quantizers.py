@@ -453,7 +453,9 @@ class ActQuantizer(_LazyInit):
             if spec.granularity == "row":
                 axes = [x.shape.rank - 1]
             peak = tf.reduce_max(tf.abs(x), axis=axes or [-1], keepdims=True)
-            s = tf.stop_gradient(tf.where(peak > 0, peak / qmax, tf.ones_like(peak / qmax)))
+            # a true division, as the kernels do (grappler turns x / constant into x * (1 / constant))
+            q = tf.broadcast_to(qmax, tf.shape(peak)) if qmax.shape.rank else tf.fill(tf.shape(peak), qmax)
+            s = tf.stop_gradient(tf.where(peak > 0, tf.math.divide_no_nan(peak, q), tf.ones_like(peak)))
             x_hat, codes = fake_quant(x, s, qmin, qmax, 0.0)
             return x_hat, codes, s, tf.zeros([])
         state = self._state(lambda: self._init_values(x, high), self._stored, training)

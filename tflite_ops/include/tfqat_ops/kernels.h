@@ -93,13 +93,31 @@ using QLinearGroupedFn = void (*)(const int8_t* x, const float* xs, const uint8_
 using AttnQKFn = void (*)(const int8_t* q, const float* qs, int H, int T, int D, const void* k,
                           int kv_bits, const float* ks, int Hkv, int S, int s_cap,
                           float* scores);
-// PV: p uint8 [H][T][S] probability codes with one scale ps; v rows grouped by v_rowbits[s]
-//   (8 -> group 0 with scale vs[0], 4 -> group 1 with scale vs[1]; nullptr = all group 0).
-//   out[h][t][d] = (float)acc8 * (ps * vs[0]) + (float)acc4 * (ps * vs[1]),
+// PV: p uint8 [H][T][S] probability codes; row (h, t) has the probability scale
+//   ps_rows[h * T + t] when ps_rows != nullptr (per-row dynamic scales, from quantize_probs),
+//   else ps (one scale for every row). V rows are grouped by v_rowbits[s] (8 -> group 0 with
+//   scale vs[0], 4 -> group 1 with scale vs[1]; nullptr = all group 0). With p_r that row's scale:
+//   out[h][t][d] = (float)acc8 * (p_r * vs[0]) + (float)acc4 * (p_r * vs[1])
+//   (v_rowbits == nullptr: (float)acc8 * (p_r * vs[0]) alone, vs[1] is not read),
 //   accN = sum over s in group N of p[h][t][s] * v[g][s][d].
-using AttnPVFn = void (*)(const uint8_t* p, float ps, int H, int T, int S, const void* v,
-                          int kv_bits, const uint8_t* v_rowbits, const float* vs, int Hkv,
-                          int s_cap, int D, float* out);
+// One signature for both modes: the scale enters only the epilogue, so every variant keeps its
+// integer loop and takes the row's scale product where it stores the row.
+using AttnPVFn = void (*)(const uint8_t* p, float ps, const float* ps_rows, int H, int T, int S,
+                          const void* v, int kv_bits, const uint8_t* v_rowbits, const float* vs,
+                          int Hkv, int s_cap, int D, float* out);
+
+// ---- op 4p: float probabilities -> PV's uint8 codes ----------------------------------------
+// p: float rows [R][ld] (R = H * T rows of probabilities); only p[r][0 .. S-1] is read.
+// codes: uint8 [R][ldc], the first S of each row written. p_max in 1..255.
+// Static (ps_static != nullptr): every row's scale is *ps_static (ps_out is not written).
+// Dynamic (ps_static == nullptr): m = max over s of p[r][s] as `m = p > m ? p : m` from m = 0
+//   (NaN and negatives count as 0, as quantize_rows' dynamic max ignores NaN), and
+//   ps_out[r] = m == 0 ? 1.0f : m / (float)p_max (a true division).
+// codes[r][s] = clamp(round_half_even(p[r][s] / scale), 0, p_max) with a true division; a NaN
+//   quotient gives 0.
+using QuantizeProbsFn = void (*)(const float* p, int R, int S, size_t ld, int p_max,
+                                 const float* ps_static, uint8_t* codes, size_t ldc,
+                                 float* ps_out);
 
 // ---- op 5: float baselines (benchmark only; checked against ref to a tolerance) ---------
 // y[t][n] = sum_k x[t][k] * w[n][k]; w canonical [N][K], packed by pack_f32 / pack_f16.
@@ -122,6 +140,7 @@ struct KernelTable {
   QLinearGroupedFn qlinear_w8_grouped;  // weights from w8_pack
   AttnQKFn attn_qk;
   AttnPVFn attn_pv;
+  QuantizeProbsFn quantize_probs;  // op 4p, for attn_pv's float-probability modes
   PackedSizeFn f32_packed_size;
   PackFn f32_pack;
   GemmF32Fn gemm_f32;

@@ -26,8 +26,11 @@ size_t w8_packed_size(int N, int K);
 void w8_pack(const void* canonical, int N, int K, void* packed);
 size_t w4_packed_size(int N, int K);
 void w4_pack(const void* canonical, int N, int K, void* packed);
-void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits,
-             const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D, float* out);
+void attn_pv(const uint8_t* p, float ps, const float* ps_rows, int H, int T, int S, const void* v,
+             int kv_bits, const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D,
+             float* out);
+void quantize_probs(const float* p, int R, int S, size_t ld, int p_max, const float* ps_static,
+                    uint8_t* codes, size_t ldc, float* ps_out);
 size_t f32_packed_size(int N, int K);
 void f32_pack(const void* canonical, int N, int K, void* packed);
 void gemm_f32(const float* x, int T, int K, const void* w_packed, int N, float* y);

@@ -207,6 +207,7 @@ const KernelTable* arm_i8mm_table() {
       arm_i8mm::qlinear_w8_grouped,
       arm_dot::attn_qk,
       arm_neon::attn_pv,
+      arm_neon::quantize_probs,
       arm_neon::f32_packed_size,
       arm_neon::f32_pack,
       arm_neon::gemm_f32,

@@ -411,8 +411,9 @@ void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* 
 // Positions are split by group once (v_rowbits[s] == 4 -> group 1), then each group
 // accumulates over its own list, so no lane is spent on a zeroed probability. Query rows of one
 // head go four at a time.
-void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits,
-             const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D, float* out) {
+void attn_pv(const uint8_t* p, float ps, const float* ps_rows, int H, int T, int S, const void* v,
+             int kv_bits, const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D,
+             float* out) {
   constexpr int kM = 4;
   const int group = H / Hkv;
   const size_t row_bytes = kv_bits == 4 ? static_cast<size_t>((D + 1) / 2) : static_cast<size_t>(D);
@@ -426,8 +427,6 @@ void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int
     acc8[m] = buf.data() + static_cast<size_t>(m) * D;
     acc4[m] = buf.data() + static_cast<size_t>(kM + m) * D;
   }
-  const float s8 = ps * vs[0];
-  const float s4 = two_groups ? ps * vs[1] : 0.0f;
   for (int h = 0; h < H; ++h) {
     const uint8_t* vg =
         static_cast<const uint8_t*>(v) + static_cast<size_t>(h / group) * s_cap * row_bytes;
@@ -446,9 +445,57 @@ void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int
         }
       }
       for (int m = 0; m < mt; ++m) {
-        pv_store(acc8[m], acc4[m], two_groups, s8, s4, D,
-                 out + (static_cast<size_t>(h) * T + t0 + m) * D);
+        const size_t row = static_cast<size_t>(h) * T + t0 + m;
+        const float pr_scale = ps_rows ? ps_rows[row] : ps;
+        pv_store(acc8[m], acc4[m], two_groups, pr_scale * vs[0],
+                 two_groups ? pr_scale * vs[1] : 0.0f, D, out + row * D);
       }
+    }
+  }
+}
+
+// Op 4p, the reference's float operations lane by lane. The max and the clamp at 0 use a
+// compare and a select (`x > m ? x : m`), not fmaxnm, which would return a signaling NaN's quiet
+// copy instead of ignoring it; fcvtns rounds half to even.
+void quantize_probs(const float* p, int R, int S, size_t ld, int p_max, const float* ps_static,
+                    uint8_t* codes, size_t ldc, float* ps_out) {
+  const float hi = static_cast<float>(p_max);
+  const float32x4_t vhi = vdupq_n_f32(hi), zero = vdupq_n_f32(0.0f);
+  for (int r = 0; r < R; ++r) {
+    const float* pr = p + static_cast<size_t>(r) * ld;
+    float s;
+    if (ps_static) {
+      s = *ps_static;
+    } else {
+      float32x4_t vm = zero;
+      int i = 0;
+      for (; i + 4 <= S; i += 4) {
+        const float32x4_t x = vld1q_f32(pr + i);
+        vm = vbslq_f32(vcgtq_f32(x, vm), x, vm);
+      }
+      float m = vmaxvq_f32(vm);  // lanes are +0 or positive, never NaN
+      for (; i < S; ++i) m = pr[i] > m ? pr[i] : m;
+      s = m == 0.0f ? 1.0f : m / hi;
+      ps_out[r] = s;
+    }
+    const float32x4_t vs = vdupq_n_f32(s);
+    auto quant4 = [&](const float* x) {
+      const float32x4_t q = vdivq_f32(vld1q_f32(x), vs);
+      return vcvtnq_u32_f32(vminq_f32(vbslq_f32(vcgtq_f32(q, zero), q, zero), vhi));
+    };
+    uint8_t* cr = codes + static_cast<size_t>(r) * ldc;
+    int i = 0;
+    for (; i + 16 <= S; i += 16) {
+      const uint16x8_t c0 = vcombine_u16(vmovn_u32(quant4(pr + i)), vmovn_u32(quant4(pr + i + 4)));
+      const uint16x8_t c1 =
+          vcombine_u16(vmovn_u32(quant4(pr + i + 8)), vmovn_u32(quant4(pr + i + 12)));
+      vst1q_u8(cr + i, vcombine_u8(vmovn_u16(c0), vmovn_u16(c1)));
+    }
+    for (; i < S; ++i) {
+      float q = pr[i] / s;
+      if (!(q > 0.0f)) q = 0.0f;
+      if (q > hi) q = hi;
+      cr[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(q)));
     }
   }
 }
@@ -503,6 +550,7 @@ const KernelTable* arm_neon_table() {
       arm_neon::qlinear_w8_grouped,
       arm_neon::attn_qk,
       arm_neon::attn_pv,
+      arm_neon::quantize_probs,
       arm_neon::f32_packed_size,
       arm_neon::f32_pack,
       arm_neon::gemm_f32,

@@ -220,6 +220,7 @@ const KernelTable* arm_neondot_table() {
       arm_dot::qlinear_w8_grouped,
       arm_dot::attn_qk,
       arm_neon::attn_pv,
+      arm_neon::quantize_probs,
       arm_neon::f32_packed_size,
       arm_neon::f32_pack,
       arm_neon::gemm_f32,

@@ -75,13 +75,19 @@ TfLiteStatus shape_output(NodeCtx& n, size_t i, const char* what, TfLiteType typ
 }
 
 TfLiteStatus expect_count(NodeCtx& n, size_t lo, size_t hi, size_t outputs) {
+  return expect_count(n, lo, hi, outputs, outputs);
+}
+
+TfLiteStatus expect_count(NodeCtx& n, size_t lo, size_t hi, size_t out_lo, size_t out_hi) {
+  auto range = [](size_t a, size_t b) {
+    return a == b ? std::to_string(a) : std::to_string(a) + " or " + std::to_string(b);
+  };
   if (n.inputs.size() < lo || n.inputs.size() > hi) {
-    const std::string want = lo == hi ? std::to_string(lo)
-                                      : std::to_string(lo) + " or " + std::to_string(hi);
-    return n.fail(format("expects %s inputs, got %zu", want.c_str(), n.inputs.size()));
+    return n.fail(format("expects %s inputs, got %zu", range(lo, hi).c_str(), n.inputs.size()));
   }
-  if (n.outputs.size() != outputs) {
-    return n.fail(format("expects %zu outputs, got %zu", outputs, n.outputs.size()));
+  if (n.outputs.size() < out_lo || n.outputs.size() > out_hi) {
+    return n.fail(format("expects %s outputs, got %zu", range(out_lo, out_hi).c_str(),
+                         n.outputs.size()));
   }
   return kTfLiteOk;
 }

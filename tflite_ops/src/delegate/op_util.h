@@ -33,6 +33,8 @@ bool is_constant(const abi::TfLiteTensor* t);
 abi::TfLiteStatus shape_output(NodeCtx& n, size_t i, const char* what, abi::TfLiteType type,
                                const std::vector<int>& dims, const std::string& want);
 abi::TfLiteStatus expect_count(NodeCtx& n, size_t lo, size_t hi, size_t outputs);
+// The same, allowing out_lo to out_hi outputs (an op with optional outputs).
+abi::TfLiteStatus expect_count(NodeCtx& n, size_t lo, size_t hi, size_t out_lo, size_t out_hi);
 // Per-token / per-row bit widths travel as int32 in the graph and uint8 in the kernels; false
 // with *bad set at the first value that is not 4 or 8.
 bool bits_to_u8(const int32_t* in, int count, uint8_t* out, int* bad);

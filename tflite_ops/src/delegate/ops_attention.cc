@@ -181,23 +181,35 @@ class AttnQKOp : public OpKernel {
 };
 
 // ---- TFQAT_ATTN_PV -------------------------------------------------------------------------
-// in: p_codes u8 [H,T,S_cap], p_scale f32 [1], v_cache, v_rowbits i32 [S_cap] (4/8),
-//     v_scales f32 [2], length i32 [1]; out: f32 [H,T,D], only s < S contribute.
+// in: p_codes u8 [H,T,S_cap] (or f32 probabilities with p_max > 0), p_scale f32 [1] (ignored
+//     with p_mode=1), v_cache, v_rowbits i32 [S_cap] (4/8), v_scales f32 [2], length i32 [1]
+// out: f32 [H,T,D], only s < S contribute; optional output 1: p_scales f32 [H,T], the scale
+//     each probability row used.
 class AttnPVOp : public OpKernel {
  public:
   bool configure(const flex::Map& a, std::string* e) override {
     int64_t pm;
-    if (!configure_attn(a, &kv_bits_, &D_, e) || !attr_int(a, "p_max", false, 0, &pm, e)) return false;
+    if (!configure_attn(a, &kv_bits_, &D_, e) || !attr_int(a, "p_max", false, 0, &pm, e) ||
+        !attr_choice(a, "p_mode", false, 0, {0, 1},
+                     "0 (one static p_scale) or 1 (a dynamic scale per probability row)", &p_mode_,
+                     e)) {
+      return false;
+    }
     if (pm < 0 || pm > 255) {
       *e = format("attr p_max must be in [0, 255] (0: uint8 codes in), got %lld", static_cast<long long>(pm));
       return false;
     }
     p_max_ = static_cast<int>(pm);
+    if (p_mode_ == 1 && p_max_ == 0) {
+      *e = "attr p_mode=1 (a dynamic scale per probability row) needs float probabilities in: "
+           "set p_max in [1, 255], got p_max=0";
+      return false;
+    }
     return true;
   }
 
   TfLiteStatus prepare(NodeCtx& n) override {
-    if (expect_count(n, 6, 6, 1) != kTfLiteOk) return kTfLiteError;
+    if (expect_count(n, 6, 6, 1, 2) != kTfLiteOk) return kTfLiteError;
     std::string e;
     CacheShape c;
     if (!expect_cache(n.input(2), "input 2 (v_cache)", kv_bits_, D_, &c, &e)) return n.fail(e);
@@ -211,7 +223,9 @@ class AttnPVOp : public OpKernel {
     }
     H_ = dim(p, 0);
     T_ = dim(p, 1);
-    if (!expect(n.input(1), "input 1 (p_scale)", abi::kTfLiteFloat32, {1}, "[1]", &e) ||
+    // p_mode=1 never reads p_scale: it may be absent (-1) or anything.
+    if ((p_mode_ == 0 &&
+         !expect(n.input(1), "input 1 (p_scale)", abi::kTfLiteFloat32, {1}, "[1]", &e)) ||
         !expect(n.input(3), "input 3 (v_rowbits)", abi::kTfLiteInt32, {s_cap_},
                 format("[S_cap=%d]", s_cap_), &e) ||
         !expect(n.input(4), "input 4 (v_scales)", abi::kTfLiteFloat32, {2}, "[2]", &e) ||
@@ -226,8 +240,17 @@ class AttnPVOp : public OpKernel {
                      format("[H=%d, T=%d, D=%d]", H_, T_, D_)) != kTfLiteOk) {
       return kTfLiteError;
     }
-    dense_.resize(static_cast<size_t>(H_) * T_ * s_cap_);
-    if (p_max_) codes_.resize(static_cast<size_t>(H_) * T_ * s_cap_);
+    if (n.outputs.size() == 2 &&
+        shape_output(n, 1, "p_scales", abi::kTfLiteFloat32, {H_, T_},
+                     format("[H=%d, T=%d]", H_, T_)) != kTfLiteOk) {
+      return kTfLiteError;
+    }
+    // Decode: the H rows of S codes the kernel reads. Prefill: one block of kBlock rows (the
+    // codes of float probabilities are made a block at a time, so no [H, T, S_cap] copy).
+    dense_.resize(static_cast<size_t>(T_ > 1 ? std::min(kBlock, T_) : H_) * s_cap_);
+    // p_mode=1 writes the row scales straight into output 1 when it has memory (the runtime
+    // gives an output nothing consumes none) and here otherwise.
+    if (p_mode_) ps_rows_.resize(static_cast<size_t>(H_) * T_);
     rowbits_.resize(s_cap_);
     return kTfLiteOk;
   }
@@ -239,64 +262,78 @@ class AttnPVOp : public OpKernel {
     if (!bits_to_u8(rowbits, S, rowbits_.data(), &bad)) {
       return n.fail(format("v_rowbits[%d] = %d; must be 4 or 8", bad, rowbits[bad]));
     }
-    // The kernel reads rows of S probabilities; compact the [.., S_cap] rows when S < S_cap.
-    const uint8_t* p = p_max_ ? quantize_p(n, S) : static_cast<const uint8_t*>(n.input(0)->data);
-    if (T_ > 1) return invoke_blocks(n, S, p);
-    if (S != s_cap_) {
-      for (int r = 0; r < H_ * T_; ++r) {
-        std::memcpy(dense_.data() + static_cast<size_t>(r) * S, p + static_cast<size_t>(r) * s_cap_,
-                    S);
+    const TfLiteTensor* out1 = n.output(1);
+    float* ps_out = out1 ? static_cast<float*>(out1->data) : nullptr;
+    Rows rows;
+    rows.ps = p_mode_ ? 0.0f : *static_cast<const float*>(n.input(1)->data);  // unread with p_mode=1
+    if (p_mode_) {
+      rows.ps_rows = ps_out ? ps_out : ps_rows_.data();
+    } else if (ps_out) {
+      std::fill(ps_out, ps_out + static_cast<size_t>(H_) * T_, rows.ps);
+    }
+    if (T_ > 1) return invoke_blocks(n, S, rows);
+    // The kernel reads rows of S codes; make them (float in) or compact the [.., S_cap] rows.
+    const uint8_t* p = static_cast<const uint8_t*>(n.input(0)->data);
+    if (p_max_) {
+      quantize(n, 0, H_, S, rows, dense_.data());
+      p = dense_.data();
+    } else if (S != s_cap_) {
+      for (int r = 0; r < H_; ++r) {
+        std::memcpy(dense_.data() + static_cast<size_t>(r) * S, p + static_cast<size_t>(r) * s_cap_, S);
       }
       p = dense_.data();
     }
-    n.kt->attn_pv(p, *static_cast<const float*>(n.input(1)->data), H_, T_, S, n.input(2)->data,
-                  kv_bits_, rowbits_.data(), static_cast<const float*>(n.input(4)->data), hkv_,
-                  s_cap_, D_, static_cast<float*>(n.output(0)->data));
+    n.kt->attn_pv(p, rows.ps, rows.ps_rows, H_, T_, S, n.input(2)->data, kv_bits_, rowbits_.data(),
+                  static_cast<const float*>(n.input(4)->data), hkv_, s_cap_, D_,
+                  static_cast<float*>(n.output(0)->data));
     return kTfLiteOk;
   }
 
  private:
-  // p_max > 0: codes = clamp(round_half_even(p / p_scale), 0, p_max) for s < S (the rest of each
-  // row is never read). Clamping first is the same (integer bounds); NaN -> 0. The rounding adds
-  // and subtracts 1.5 * 2^23, exact round-half-even for 0 <= v <= 255 (no libm call per value).
-  const uint8_t* quantize_p(NodeCtx& n, int S) {
-    const float* p = static_cast<const float*>(n.input(0)->data);
-    const float ps = *static_cast<const float*>(n.input(1)->data);
-    const float hi = static_cast<float>(p_max_), magic = 12582912.0f;
-    for (int r = 0; r < H_ * T_; ++r) {
-      const float* src = p + static_cast<size_t>(r) * s_cap_;
-      uint8_t* dst = codes_.data() + static_cast<size_t>(r) * s_cap_;
-      int e = S;  // a zero probability is code 0 (0 / ps is 0 or NaN): skip the causal tail
-      while (e > 0 && src[e - 1] == 0.0f) --e;
-      std::memset(dst + e, 0, S - e);
-      for (int s = 0; s < e; ++s) {
-        float v = src[s] / ps;
-        v = v > 0.0f ? v : 0.0f;  // NaN -> 0
-        v = v < hi ? v : hi;
-        dst[s] = static_cast<uint8_t>(static_cast<int>((v + magic) - magic));  // not folded: no -ffast-math
-      }
-    }
-    return codes_.data();
+  // The probability scale(s) of a call: ps for every row, or ps_rows[h * T + t] (p_mode=1).
+  struct Rows {
+    float ps = 0.0f;
+    float* ps_rows = nullptr;
+  };
+
+  // p_max > 0: codes of float probability rows [r0, r0 + count) (op 4p: clamp(round_half_even(
+  // p / scale), 0, p_max), the scale p_scale or, with p_mode=1, the row's max / p_max, written
+  // to rows.ps_rows), S per row into `codes`; positions s >= S are not read.
+  void quantize(NodeCtx& n, int r0, int count, int S, const Rows& rows, uint8_t* codes) {
+    const float* p = static_cast<const float*>(n.input(0)->data) + static_cast<size_t>(r0) * s_cap_;
+    n.kt->quantize_probs(p, count, S, s_cap_, p_max_, p_mode_ ? nullptr : &rows.ps, codes, S,
+                         p_mode_ ? rows.ps_rows + r0 : nullptr);
   }
 
   // Per query head and block of kBlock queries, over positions up to the block's last nonzero
   // probability code (a zero code adds nothing to either accumulator: exact for any P; after a
   // causal softmax that is the block's causal horizon).
-  TfLiteStatus invoke_blocks(NodeCtx& n, int S, const uint8_t* p) {
+  TfLiteStatus invoke_blocks(NodeCtx& n, int S, const Rows& rows) {
     const int group = H_ / hkv_;
-    const float ps = *static_cast<const float*>(n.input(1)->data);
     const uint8_t* v = static_cast<const uint8_t*>(n.input(2)->data);
     const float* vs = static_cast<const float*>(n.input(4)->data);
     float* out = static_cast<float*>(n.output(0)->data);
     const size_t kv_head = static_cast<size_t>(s_cap_) * cache_row_bytes(kv_bits_, D_);
+    uint8_t* block = dense_.data();
     for (int h = 0; h < H_; ++h) {
       const uint8_t* vg = v + static_cast<size_t>(h / group) * kv_head;
       for (int t0 = 0; t0 < T_; t0 += kBlock) {
-        const int tn = std::min(kBlock, T_ - t0);
-        const uint8_t* rows = p + (static_cast<size_t>(h) * T_ + t0) * s_cap_;
+        const int tn = std::min(kBlock, T_ - t0), r0 = h * T_ + t0;
+        // The block's code rows: float probabilities are quantized into `block` (stride S),
+        // uint8 codes are read where they are (stride S_cap).
+        const uint8_t* src;
+        size_t ld;
+        if (p_max_) {
+          quantize(n, r0, tn, S, rows, block);
+          src = block;
+          ld = S;
+        } else {
+          src = static_cast<const uint8_t*>(n.input(0)->data) + static_cast<size_t>(r0) * s_cap_;
+          ld = s_cap_;
+        }
         int horizon = 1;
         for (int i = 0; i < tn; ++i) {
-          const uint8_t* r = rows + static_cast<size_t>(i) * s_cap_;
+          const uint8_t* r = src + i * ld;
           int s = S;
           for (uint64_t w; s - 8 >= horizon; s -= 8) {  // trailing zero codes, 8 at a time
             std::memcpy(&w, r + s - 8, 8);
@@ -309,19 +346,22 @@ class AttnPVOp : public OpKernel {
             }
           }
         }
+        // Rows of `horizon` codes. In place when src is `block`: row i moves down from i * S to
+        // i * horizon, below every row still to be moved.
         for (int i = 0; i < tn; ++i) {
-          std::memcpy(dense_.data() + static_cast<size_t>(i) * horizon,
-                      rows + static_cast<size_t>(i) * s_cap_, horizon);
+          std::memmove(block + static_cast<size_t>(i) * horizon, src + i * ld, horizon);
         }
-        n.kt->attn_pv(dense_.data(), ps, 1, tn, horizon, vg, kv_bits_, rowbits_.data(), vs, 1,
-                      s_cap_, D_, out + (static_cast<size_t>(h) * T_ + t0) * D_);
+        n.kt->attn_pv(block, rows.ps, rows.ps_rows ? rows.ps_rows + r0 : nullptr, 1, tn, horizon,
+                      vg, kv_bits_, rowbits_.data(), vs, 1, s_cap_, D_,
+                      out + static_cast<size_t>(r0) * D_);
       }
     }
     return kTfLiteOk;
   }
 
-  int kv_bits_ = 0, p_max_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
-  std::vector<uint8_t> dense_, codes_, rowbits_;
+  int kv_bits_ = 0, p_max_ = 0, p_mode_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
+  std::vector<uint8_t> dense_, rowbits_;
+  std::vector<float> ps_rows_;
 };
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Op 3 (quantized linear) and op 4 (quantized attention matmuls): plain loops with int32
 // accumulators and the float epilogue of kernels.h, in exactly that order.
+#include <cmath>
 #include <cstring>
 
 #include "../variants.h"
@@ -120,16 +121,19 @@ void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* 
   }
 }
 
-// With v_rowbits == nullptr every row is group 0 and out = (float)acc8 * (ps * vs[0]) alone
-// (vs[1] is not read).
-void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits,
-             const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D, float* out) {
+// With v_rowbits == nullptr every row is group 0 and out = (float)acc8 * (p_r * vs[0]) alone
+// (vs[1] is not read). p_r is the row's scale: ps_rows[h * T + t], or ps for every row.
+void attn_pv(const uint8_t* p, float ps, const float* ps_rows, int H, int T, int S, const void* v,
+             int kv_bits, const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D,
+             float* out) {
   const int group = H / Hkv;
   for (int h = 0; h < H; ++h) {
     const int g = h / group;
     for (int t = 0; t < T; ++t) {
-      const uint8_t* pr = p + (static_cast<size_t>(h) * T + t) * S;
-      float* o = out + (static_cast<size_t>(h) * T + t) * D;
+      const size_t row = static_cast<size_t>(h) * T + t;
+      const float pr_scale = ps_rows ? ps_rows[row] : ps;
+      const uint8_t* pr = p + row * S;
+      float* o = out + row * D;
       for (int d = 0; d < D; ++d) {
         int32_t acc8 = 0, acc4 = 0;
         for (int s = 0; s < S; ++s) {
@@ -140,10 +144,37 @@ void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int
             acc8 += prod;
           }
         }
-        o[d] = v_rowbits ? static_cast<float>(acc8) * (ps * vs[0]) +
-                               static_cast<float>(acc4) * (ps * vs[1])
-                         : static_cast<float>(acc8) * (ps * vs[0]);
+        o[d] = v_rowbits ? static_cast<float>(acc8) * (pr_scale * vs[0]) +
+                               static_cast<float>(acc4) * (pr_scale * vs[1])
+                         : static_cast<float>(acc8) * (pr_scale * vs[0]);
       }
+    }
+  }
+}
+
+// Op 4p. The dynamic max ignores NaN and negatives (`a > m` is false for both when m starts at
+// 0); clamping the quotient before rounding is the same as after (the bounds are integers), and
+// `!(q > 0)` sends a NaN quotient to 0.
+void quantize_probs(const float* p, int R, int S, size_t ld, int p_max, const float* ps_static,
+                    uint8_t* codes, size_t ldc, float* ps_out) {
+  const float hi = static_cast<float>(p_max);
+  for (int r = 0; r < R; ++r) {
+    const float* pr = p + static_cast<size_t>(r) * ld;
+    float s;
+    if (ps_static) {
+      s = *ps_static;
+    } else {
+      float m = 0.0f;
+      for (int i = 0; i < S; ++i) m = pr[i] > m ? pr[i] : m;
+      s = m == 0.0f ? 1.0f : m / hi;
+      ps_out[r] = s;
+    }
+    uint8_t* cr = codes + static_cast<size_t>(r) * ldc;
+    for (int i = 0; i < S; ++i) {
+      float q = pr[i] / s;
+      if (!(q > 0.0f)) q = 0.0f;
+      if (q > hi) q = hi;
+      cr[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(q)));
     }
   }
 }

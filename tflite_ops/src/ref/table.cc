@@ -20,10 +20,10 @@ namespace ref {
 
 const KernelTable* table() {
   static const KernelTable kTable = {
-      Isa::kRef,          quantize_rows,      w4_packed_size, w4_pack,         qlinear_w4,
-      w8_packed_size,     w8_pack,            qlinear_w8,     qlinear_w4_grouped,
-      qlinear_w8_grouped, attn_qk,            attn_pv,        f32_packed_size, f32_pack,
-      gemm_f32,           f16_packed_size,    f16_pack,       gemm_f16,
+      Isa::kRef,          quantize_rows,   w4_packed_size,  w4_pack,         qlinear_w4,
+      w8_packed_size,     w8_pack,         qlinear_w8,      qlinear_w4_grouped,
+      qlinear_w8_grouped, attn_qk,         attn_pv,         quantize_probs,  f32_packed_size,
+      f32_pack,           gemm_f32,        f16_packed_size, f16_pack,        gemm_f16,
   };
   return &kTable;
 }

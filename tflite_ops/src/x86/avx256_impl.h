@@ -559,16 +559,18 @@ void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* 
 }
 
 // PV as in the AVX-512 variant: rows s, s+1 interleaved into int16 pairs for vpmaddwd.
-void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits, const uint8_t* v_rowbits,
-             const float* vs, int Hkv, int s_cap, int D, float* out) {
+void attn_pv(const uint8_t* p, float ps, const float* ps_rows, int H, int T, int S, const void* v, int kv_bits,
+             const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D, float* out) {
   const int group = H / Hkv, Dp = round_up(D, 32);
-  const float sc8 = ps * vs[0], sc4 = v_rowbits ? ps * vs[1] : 0.0f;
   for (int g = 0; g < Hkv; ++g) {
     const int8_t* vr = kv_rows(v, kv_bits, g, S, s_cap, D, Dp);
     for (int h = g * group; h < (g + 1) * group; ++h) {
       for (int t = 0; t < T; ++t) {
-        const uint8_t* pr = p + (static_cast<size_t>(h) * T + t) * S;
-        float* o = out + (static_cast<size_t>(h) * T + t) * D;
+        const size_t row = static_cast<size_t>(h) * T + t;
+        const float pr_scale = ps_rows ? ps_rows[row] : ps;
+        const float sc8 = pr_scale * vs[0], sc4 = v_rowbits ? pr_scale * vs[1] : 0.0f;
+        const uint8_t* pr = p + row * S;
+        float* o = out + row * D;
         for (int d = 0; d < Dp; d += 16) {
           __m256i a8l = _mm256_setzero_si256(), a8h = a8l, a4l = a8l, a4h = a8l;
           for (int s = 0; s < S; s += 2) {
@@ -603,6 +605,49 @@ void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int
           }
         }
       }
+    }
+  }
+}
+
+// ---- op 4p ------------------------------------------------------------------------------
+// As the reference, lane by lane: maxps(x, m) is `x > m ? x : m` (NaN in x keeps m); the lanes
+// hold +0 or positive values, so their max is the same in any order; maxps(q, 0) sends a NaN
+// quotient to 0. The s tail runs the scalar form.
+void quantize_probs(const float* p, int R, int S, size_t ld, int p_max, const float* ps_static, uint8_t* codes,
+                    size_t ldc, float* ps_out) {
+  const float hi = static_cast<float>(p_max);
+  const __m256 vhi = _mm256_set1_ps(hi), zero = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    const float* pr = p + static_cast<size_t>(r) * ld;
+    float s;
+    if (ps_static) {
+      s = *ps_static;
+    } else {
+      __m256 m = zero;
+      int i = 0;
+      for (; i + 8 <= S; i += 8) m = _mm256_max_ps(_mm256_loadu_ps(pr + i), m);
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, m);
+      float mx = 0.0f;
+      for (float l : lanes) mx = l > mx ? l : mx;
+      for (; i < S; ++i) mx = pr[i] > mx ? pr[i] : mx;
+      s = mx == 0.0f ? 1.0f : mx / hi;
+      ps_out[r] = s;
+    }
+    const __m256 vs = _mm256_set1_ps(s);
+    uint8_t* cr = codes + static_cast<size_t>(r) * ldc;
+    int i = 0;
+    for (; i + 8 <= S; i += 8) {
+      const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(pr + i), vs), zero), vhi);
+      const __m256i i32 = _mm256_cvtps_epi32(q);  // round half even; 0 .. 255, so the packs are exact
+      const __m128i u16 = _mm_packus_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(cr + i), _mm_packus_epi16(u16, u16));
+    }
+    for (; i < S; ++i) {
+      float q = pr[i] / s;
+      if (!(q > 0.0f)) q = 0.0f;
+      if (q > hi) q = hi;
+      cr[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(q)));
     }
   }
 }
@@ -712,6 +757,7 @@ KernelTable make_table(Isa isa) {
           qlinear_w8_grouped,
           attn_qk,
           attn_pv,
+          quantize_probs,
           f32_packed_size,
           f32_pack,
           gemm_f32,

@@ -630,19 +630,21 @@ void attn_qk_rows(const int8_t* q, const float* qs, int H, int T, int D, const v
 // PV: rows s, s+1 are interleaved as int16 pairs so one vpmaddwd adds p_s v_s + p_s1 v_s1 for
 // 16 d at once; each row's p goes to the accumulator of its group (the other gets 0).
 // unpack{lo,hi}_epi16 work per 128-bit lane, so the d order is restored at the end.
-void attn_pv_rows(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits, const uint8_t* v_rowbits,
-                  const float* vs, int Hkv, int s_cap, int D, float* out) {
+void attn_pv_rows(const uint8_t* p, float ps, const float* ps_rows, int H, int T, int S, const void* v, int kv_bits,
+                  const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D, float* out) {
   const int group = H / Hkv;
   const __m512i idx0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i idx1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  const __m512 sc8 = _mm512_set1_ps(ps * vs[0]);
-  const __m512 sc4 = _mm512_set1_ps(v_rowbits ? ps * vs[1] : 0.0f);
   for (int g = 0; g < Hkv; ++g) {
     const int8_t* vr = kv_rows(v, kv_bits, g, S, s_cap, D);
     for (int h = g * group; h < (g + 1) * group; ++h) {
       for (int t = 0; t < T; ++t) {
-        const uint8_t* pr = p + (static_cast<size_t>(h) * T + t) * S;
-        float* o = out + (static_cast<size_t>(h) * T + t) * D;
+        const size_t row = static_cast<size_t>(h) * T + t;
+        const float pr_scale = ps_rows ? ps_rows[row] : ps;
+        const __m512 sc8 = _mm512_set1_ps(pr_scale * vs[0]);
+        const __m512 sc4 = _mm512_set1_ps(v_rowbits ? pr_scale * vs[1] : 0.0f);
+        const uint8_t* pr = p + row * S;
+        float* o = out + row * D;
         for (int d = 0; d < D; d += 32) {
           const __mmask32 m = D - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (D - d)) - 1;
           __m512i a8l = _mm512_setzero_si512(), a8h = a8l, a4l = a8l, a4h = a8l;
@@ -813,6 +815,7 @@ void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* 
 }
 
 thread_local std::vector<uint8_t> tl_vpack, tl_p8, tl_p4;
+thread_local std::vector<float> tl_sc;
 
 // vr [S][D] int8 -> packed [DC chunks of 64 d][S4 groups of 4 s][4 vectors][64 bytes]; vector i
 // of a group holds, in 128-bit lane L, dwords v[s..s+3][16 L + 4 i + c] (c = 0..3).
@@ -837,10 +840,11 @@ void pack_v_groups(const int8_t* vr, int S, int D, int8_t* vp) {
   }
 }
 
-// MR query rows x one 64-d chunk; acc4 only when the call has 4-bit rows (SPLIT).
+// MR query rows x one 64-d chunk; acc4 only when the call has 4-bit rows (SPLIT). sc8[t] and
+// sc4[t] are query row t's scale products (p_r * vs[0], p_r * vs[1]).
 template <int MR, bool SPLIT>
 inline void pv_tile(const uint8_t* p8, const uint8_t* p4, int S4, const int8_t* vc, int t0, int d0, int D,
-                    bool rowbits, __m512 sc8, __m512 sc4, float* out) {
+                    bool rowbits, const float* sc8, const float* sc4, float* out) {
   __m512i a8[MR][4], a4[MR][4];
   for (int m = 0; m < MR; ++m) {
     for (int i = 0; i < 4; ++i) a8[m][i] = a4[m][i] = _mm512_setzero_si512();
@@ -859,10 +863,11 @@ inline void pv_tile(const uint8_t* p8, const uint8_t* p4, int S4, const int8_t* 
     }
   }
   for (int m = 0; m < MR; ++m) {
+    const __m512 s8 = _mm512_set1_ps(sc8[t0 + m]), s4 = _mm512_set1_ps(sc4[t0 + m]);
     __m512 r[4];
     for (int i = 0; i < 4; ++i) {
-      r[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(a8[m][i]), sc8);
-      if (rowbits) r[i] = _mm512_add_ps(r[i], _mm512_mul_ps(_mm512_cvtepi32_ps(a4[m][i]), sc4));
+      r[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(a8[m][i]), s8);
+      if (rowbits) r[i] = _mm512_add_ps(r[i], _mm512_mul_ps(_mm512_cvtepi32_ps(a4[m][i]), s4));
     }
     // r[i] lane L holds d = 16 L + 4 i + c: a 4 x 4 transpose of 128-bit lanes restores d order.
     const __m512 t0l = _mm512_shuffle_f32x4(r[0], r[1], 0x44), t0h = _mm512_shuffle_f32x4(r[0], r[1], 0xEE);
@@ -876,7 +881,7 @@ inline void pv_tile(const uint8_t* p8, const uint8_t* p4, int S4, const int8_t* 
 
 template <bool SPLIT>
 void pv_head(const uint8_t* p8, const uint8_t* p4, int T, int S4, const int8_t* vp, int D, bool rowbits,
-             __m512 sc8, __m512 sc4, float* out) {
+             const float* sc8, const float* sc4, float* out) {
   constexpr int kMr = SPLIT ? 2 : 4;
   for (int c = 0; c < (D + 63) / 64; ++c) {
     const int8_t* vc = vp + static_cast<size_t>(c) * S4 * 256;
@@ -886,19 +891,25 @@ void pv_head(const uint8_t* p8, const uint8_t* p4, int T, int S4, const int8_t* 
   }
 }
 
-void attn_pv_tiled(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits, const uint8_t* v_rowbits,
-                   const float* vs, int Hkv, int s_cap, int D, float* out) {
+void attn_pv_tiled(const uint8_t* p, float ps, const float* ps_rows, int H, int T, int S, const void* v, int kv_bits,
+                   const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D, float* out) {
   const int group = H / Hkv, S4 = (S + 3) / 4, Sp = 4 * S4;
-  const __m512 sc8 = _mm512_set1_ps(ps * vs[0]);
-  const __m512 sc4 = _mm512_set1_ps(v_rowbits ? ps * vs[1] : 0.0f);
   bool split = false;
   for (int s = 0; v_rowbits && s < S; ++s) split |= v_rowbits[s] == 4;
   int8_t* vp = reinterpret_cast<int8_t*>(scratch(tl_vpack, static_cast<size_t>((D + 63) / 64) * S4 * 256));
   uint8_t* p8 = scratch(tl_p8, static_cast<size_t>(T) * Sp);
   uint8_t* p4 = scratch(tl_p4, static_cast<size_t>(T) * Sp);
+  float* sc8 = scratch(tl_sc, 2 * static_cast<size_t>(T));
+  float* sc4 = sc8 + T;
   for (int g = 0; g < Hkv; ++g) {
     pack_v_groups(kv_rows(v, kv_bits, g, S, s_cap, D), S, D, vp);
     for (int h = g * group; h < (g + 1) * group; ++h) {
+      // The head's scale products per query row, as the reference forms them (scalar float).
+      for (int t = 0; t < T; ++t) {
+        const float pr_scale = ps_rows ? ps_rows[static_cast<size_t>(h) * T + t] : ps;
+        sc8[t] = pr_scale * vs[0];
+        sc4[t] = v_rowbits ? pr_scale * vs[1] : 0.0f;
+      }
       // The head's probability rows, padded to Sp with 0 and split by row group.
       for (int t = 0; t < T; ++t) {
         const uint8_t* pr = p + (static_cast<size_t>(h) * T + t) * S;
@@ -927,12 +938,42 @@ void attn_pv_tiled(const uint8_t* p, float ps, int H, int T, int S, const void* 
   }
 }
 
-void attn_pv(const uint8_t* p, float ps, int H, int T, int S, const void* v, int kv_bits, const uint8_t* v_rowbits,
-             const float* vs, int Hkv, int s_cap, int D, float* out) {
+void attn_pv(const uint8_t* p, float ps, const float* ps_rows, int H, int T, int S, const void* v, int kv_bits,
+             const uint8_t* v_rowbits, const float* vs, int Hkv, int s_cap, int D, float* out) {
   if (T >= kAttnTileMinT) {
-    attn_pv_tiled(p, ps, H, T, S, v, kv_bits, v_rowbits, vs, Hkv, s_cap, D, out);
+    attn_pv_tiled(p, ps, ps_rows, H, T, S, v, kv_bits, v_rowbits, vs, Hkv, s_cap, D, out);
   } else {
-    attn_pv_rows(p, ps, H, T, S, v, kv_bits, v_rowbits, vs, Hkv, s_cap, D, out);
+    attn_pv_rows(p, ps, ps_rows, H, T, S, v, kv_bits, v_rowbits, vs, Hkv, s_cap, D, out);
+  }
+}
+
+// ---- op 4p ------------------------------------------------------------------------------
+// The reference's float operations lane by lane: vmaxps(x, m) is `x > m ? x : m` (NaN in x
+// keeps m), and the 16 lanes, all +0 or positive, reduce to the same max in any order;
+// vmaxps(q, 0) sends a NaN quotient to 0. The masked tail loads 0, which changes no max.
+void quantize_probs(const float* p, int R, int S, size_t ld, int p_max, const float* ps_static, uint8_t* codes,
+                    size_t ldc, float* ps_out) {
+  const float hi = static_cast<float>(p_max);
+  const __m512 vhi = _mm512_set1_ps(hi), zero = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    const float* pr = p + static_cast<size_t>(r) * ld;
+    float s;
+    if (ps_static) {
+      s = *ps_static;
+    } else {
+      __m512 m = zero;
+      for (int i = 0; i < S; i += 16) m = _mm512_max_ps(_mm512_maskz_loadu_ps(tail16(S - i), pr + i), m);
+      const float mx = _mm512_reduce_max_ps(m);
+      s = mx == 0.0f ? 1.0f : mx / hi;
+      ps_out[r] = s;
+    }
+    const __m512 vs = _mm512_set1_ps(s);
+    uint8_t* cr = codes + static_cast<size_t>(r) * ldc;
+    for (int i = 0; i < S; i += 16) {
+      const __mmask16 mk = tail16(S - i);
+      const __m512 q = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, pr + i), vs), zero), vhi);
+      _mm512_mask_cvtepi32_storeu_epi8(cr + i, mk, _mm512_cvtps_epi32(q));  // round half even
+    }
   }
 }
 
@@ -1040,8 +1081,8 @@ const KernelTable* x86_avx512vnni_table() {
   static const KernelTable kTable = {
       Isa::kAvx512Vnni,   quantize_rows,   w4_packed_size, w4_pack,         qlinear_w4,
       w8_packed_size,     w8_pack,         qlinear_w8,     qlinear_w4_grouped,
-      qlinear_w8_grouped, attn_qk,         attn_pv,        f32_packed_size, f32_pack,
-      gemm_f32,           f16_packed_size, f16_pack,       gemm_f16,
+      qlinear_w8_grouped, attn_qk,         attn_pv,        quantize_probs,  f32_packed_size,
+      f32_pack,           gemm_f32,        f16_packed_size, f16_pack,        gemm_f16,
   };
   return &kTable;
 }

@@ -7,7 +7,9 @@ and an emulated aarch64 CPU (qemu; exact instruction counts, never time).
     python -m android_bench run --transport emulated     # instruction counts under qemu
 
 Modules: build (toolchains, artifacts, manifest), transports (Adb, Ssh, Local, Emulated and the
-run itself), report (report.md / report.json / report.png, Table IV layout).
+run itself), report (report.md / report.json / report.png, Table IV layout), litert_benchmark
+(LiteRT benchmark_model's flags and output on the LiteRT Python runtime: ``--benchmark-model
+litert-python``, the default for ``--transport local``).
 """
 from __future__ import annotations
 

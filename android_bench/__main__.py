@@ -44,7 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--model", action="append", default=[], help=".tflite for benchmark_model (repeatable: "
                                                                  "float and quantized)")
     r.add_argument("--benchmark-model", help="stock LiteRT benchmark_model binary for the device "
-                                             "(default: ~/.cache/litert-cli/binaries/<abi>/benchmark_model)")
+                                             "(default: ~/.cache/litert-cli/binaries/<abi>/benchmark_model), or "
+                                             "litert-python: our runner on the LiteRT Python runtime, same flags "
+                                             "and output (default for --transport local; runs where this "
+                                             "host's Python does)")
+    r.add_argument("--signature", help="the signature benchmark_model runs in multi-signature models "
+                                       "(--signature_to_run_for; default prefill)")
     r.add_argument("--num-threads", type=int, default=1, help="benchmark_model --num_threads")
     r.add_argument("--num-runs", type=int, default=50, help="benchmark_model --num_runs")
     r.add_argument("--warmup-runs", type=int, default=5, help="benchmark_model --warmup_runs")
@@ -84,30 +89,46 @@ def _cmd_build(a) -> int:
 
 
 def _cmd_run(a) -> int:
+    """Inputs first (build folder, models, benchmark_model), then the device, then a build if one is
+    needed: a missing file or an absent phone is reported in seconds, not after a cross build."""
     from .build import build_plugin, find_or_build, load_manifest
     from .transports import make_transport, run_session
 
+    for flag, value, least in (("--num-runs", a.num_runs, 1), ("--warmup-runs", a.warmup_runs, 0),
+                               ("--num-threads", a.num_threads, 1), ("--bench-runs", a.bench_runs, 1),
+                               ("--bench-warmup", a.bench_warmup, 0), ("--reps", a.reps, 1)):
+        if value < least:
+            raise BenchError(f"{flag} {value}: must be at least {least}", "usage")
+    if a.timeout <= 0:
+        raise BenchError(f"--timeout {a.timeout:g}: must be a positive number of seconds", "usage")
+    build_dir = manifest = None
     if a.build_dir:
         manifest = load_manifest(a.build_dir)
         if not manifest:
             raise BenchError(f"{a.build_dir} has no complete build (manifest.json); run python -m android_bench build",
                              "build")
         build_dir = a.build_dir
-    else:
-        tcs = TOOLCHAINS_FOR[a.transport] if a.toolchain == "auto" else [a.toolchain]
-        if a.toolchain == "auto" and a.transport == "adb" and not os.environ.get("ANDROID_NDK_HOME"):
-            tcs = [t for t in tcs if t != "android-ndk"]
-        build_dir, manifest = find_or_build(tcs, a.build_root, auto_build=not a.no_build)
-    plugin = build_plugin(a.build_root) if a.transport == "emulated" else None
+    tcs = TOOLCHAINS_FOR[a.transport] if a.toolchain == "auto" else [a.toolchain]
+    if a.toolchain == "auto" and a.transport == "adb" and not os.environ.get("ANDROID_NDK_HOME"):
+        tcs = [t for t in tcs if t != "android-ndk"]
     out = a.out or REPO_ROOT / "runs" / "android_bench" / f"{a.transport}-{time.strftime('%Y%m%d-%H%M%S')}"
     t = make_transport(a.transport, serial=a.serial, host=a.host, port=a.port, adb=a.adb, timeout=a.timeout,
                        device_dir=a.device_dir, exec_prefix=a.device_exec_prefix,
-                       qemu_cpu=(a.qemu_cpu[0] if a.qemu_cpu else None), plugin=plugin)
+                       qemu_cpu=(a.qemu_cpu[0] if a.qemu_cpu else None))
+
+    def builder():  # after the device check
+        if a.transport == "emulated":
+            t.plugin = build_plugin(a.build_root)
+        return find_or_build(tcs, a.build_root, auto_build=not a.no_build)
+
+    if build_dir is not None and a.transport == "emulated":
+        t.plugin = build_plugin(a.build_root)
     try:
-        run_session(t, Path(build_dir), manifest, out, filters=a.bench_filter or None, reps=a.reps,
-                    bench_runs=a.bench_runs, bench_warmup=a.bench_warmup, models=a.model,
+        run_session(t, Path(build_dir) if build_dir else None, manifest, out, filters=a.bench_filter or None,
+                    reps=a.reps, bench_runs=a.bench_runs, bench_warmup=a.bench_warmup, models=a.model,
                     benchmark_model=a.benchmark_model, num_threads=a.num_threads, num_runs=a.num_runs,
-                    warmup_runs=a.warmup_runs, qemu_cpus=a.qemu_cpu or None, count_filter=a.count_filter)
+                    warmup_runs=a.warmup_runs, qemu_cpus=a.qemu_cpu or None, count_filter=a.count_filter,
+                    signature=a.signature, builder=builder)
     except BenchError as e:
         e.out = out
         raise

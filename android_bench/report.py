@@ -149,12 +149,15 @@ def render_markdown(result: dict, tables: list[dict]) -> str:
             L.append(f"| {r['config']} | " + " | ".join(cells) + " |")
         L.append("")
     if result.get("benchmark_model"):
-        L += ["## benchmark_model (stock LiteRT tool)", "",
-              "| model | delegate | threads | runs | avg (us) | first (us) | init (us) |", "|---|---|---|---|---|---|---|"]
+        L += ["## benchmark_model", "",
+              "| model | signature | delegate | runner | threads | runs | avg (us) | first (us) | init (us) |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for r in result["benchmark_model"]:
-            L.append(f"| {r['model']} | {r['delegate']} | {r['num_threads']} | {r['num_runs']} | "
+            L.append(f"| {r['model']} | {r.get('signature') or '-'} | {r['delegate']} | "
+                     f"{r.get('runner', 'benchmark_model')} | {r['num_threads']} | {r['num_runs']} | "
                      f"{_fmt(r.get('avg_us'), 1)} | {_fmt(r.get('first_us'), 1)} | {_fmt(r.get('init_us'), 1)} |")
-        L.append("")
+        L += ["", "Runner: benchmark_model = LiteRT's stock tool; litert-python = android_bench.litert_benchmark "
+                  "(the same flags and timings on the LiteRT Python runtime, a few us of Python per run).", ""]
     agg = result.get("microbench", {}).get("aggregate", [])
     if agg:
         L += ["## All microbenchmark cases", "", "| case | isa | median us | p10 | p90 | runs |",
@@ -239,5 +242,21 @@ def write_report(result: dict, out_dir: str | Path) -> dict:
 
 def rewrite_from(out_dir: str | Path) -> dict:
     """Re-render the report of an earlier run from its result.json."""
+    from . import BenchError
+
     out_dir = Path(out_dir)
-    return write_report(json.loads((out_dir / "result.json").read_text()), out_dir)
+    src = out_dir / "result.json"
+    if not out_dir.is_dir():
+        raise BenchError(f"{out_dir}: no such folder; give the --out folder of a python -m android_bench run",
+                         "usage")
+    if not src.is_file():
+        raise BenchError(f"{out_dir} holds no result.json, so it is not an android_bench run folder; give the "
+                         "--out folder of a python -m android_bench run", "usage")
+    try:
+        result = json.loads(src.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchError(f"{src}: damaged JSON ({e}); rerun python -m android_bench run --out {out_dir}",
+                         "usage") from None
+    if not isinstance(result, dict) or not str(result.get("schema", "")).startswith("tfqat.android_bench.result/"):
+        raise BenchError(f"{src} is not an android_bench result (no tfqat.android_bench.result schema)", "usage")
+    return write_report(result, out_dir)

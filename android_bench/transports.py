@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -113,8 +114,12 @@ class Transport:
         self.device_dir = device_dir.rstrip("/") or "/"
         self.timeout = float(timeout)
         self.exec_prefix = exec_prefix  # e.g. "qemu-aarch64-static -cpu max" on an emulated device
-        self.pushed: list[str] = []
+        self.pushed: list[str] = []   # files pushed or written on the device (what cleanup removes)
         self.facts: dict = {}
+        # android_bench's own directory (the default one, or one this run created) is removed whole;
+        # from a directory the user named that was there before, only what this run put there
+        self.default_dir = False
+        self.created_dir = False
         self._checked = False
         self._has_taskset = False
         self._has_timeout = False
@@ -129,15 +134,37 @@ class Transport:
     def pull(self, remote: str, local: str | Path) -> Path:
         raise NotImplementedError
 
+    @property
+    def own_dir(self) -> bool:
+        return self.default_dir or self.created_dir
+
     def cleanup(self) -> bool:
-        """Remove the device directory (everything pushed and written there). True if done."""
-        if not self._checked:
+        """Remove android_bench's files from the device: its own directory whole (the default one,
+        which a run cut short may have left, or one this run created), else only the files this
+        run pushed or wrote (a directory the user named, such as ``--device-dir /tmp``, is never
+        removed whole). True if done or there was nothing to remove."""
+        if not self._checked or not (self.pushed or self.own_dir):
             return True
+        if self.own_dir:
+            cmd = f"rm -rf {shlex.quote(self.device_dir)}"
+        else:
+            cmd = "rm -f " + " ".join(shlex.quote(p) for p in dict.fromkeys(self.pushed))
         try:
-            rc, _, err = self.shell(f"rm -rf {shlex.quote(self.device_dir)}", timeout=SHORT_TIMEOUT_S, what="cleanup")
+            rc, _, err = self.shell(cmd, timeout=SHORT_TIMEOUT_S, what="cleanup")
         except BenchError:
             return False
         return rc == 0
+
+    def cleanup_report(self, done: bool) -> str:
+        """The report's "Cleanup:" line: what was removed, only when something was put there."""
+        if not self.pushed:
+            return "nothing was pushed; nothing to remove" if not self.created_dir or not done else (
+                f"nothing was pushed; removed the empty {self.device_dir} this run had created")
+        if not done:
+            return "device unreachable: nothing removed"
+        if self.own_dir:
+            return "removed " + self.device_dir
+        return f"removed {len(set(self.pushed))} pushed files from {self.device_dir} (the directory was there before)"
 
     # -- device checks ------------------------------------------------------------------------
     @property
@@ -161,14 +188,20 @@ class Transport:
             facts["board"] = lines[1]
         return facts
 
+    def require_abi(self, expect_abi: str | None) -> None:
+        """Refuse a build for another ABI than the checked device's (one line)."""
+        abi = self.facts.get("abi")
+        if expect_abi and abi != expect_abi:
+            raise BenchError(f"{self.name}: ABI is {abi}, but the build is for {expect_abi}", "abi")
+
     def check(self, expect_abi: str | None = None) -> dict:
         st = self.state()
         if st != "device":
             raise BenchError(f"{self.name}: device state is {st!r}, not 'device'", "offline")
         self._checked = True
         abi = self.abi()
-        if expect_abi and abi != expect_abi:
-            raise BenchError(f"{self.name}: ABI is {abi}, but the build is for {expect_abi}", "abi")
+        self.facts = {"abi": abi}
+        self.require_abi(expect_abi)
         _, cpuinfo, _ = self.shell("cat /proc/cpuinfo", timeout=SHORT_TIMEOUT_S, what="cpuinfo")
         ci = parse_cpuinfo(cpuinfo)
         _, freq_txt, _ = self.shell(FREQ_CMD, timeout=SHORT_TIMEOUT_S, what="cpufreq")
@@ -197,9 +230,12 @@ class Transport:
         return self.facts
 
     def prepare(self) -> None:
-        rc, _, err = self.shell(f"mkdir -p {shlex.quote(self.device_dir)}", timeout=SHORT_TIMEOUT_S, what="mkdir")
+        d = shlex.quote(self.device_dir)
+        rc, out, err = self.shell(f"if [ -e {d} ]; then echo __TFQAT_EXISTED; fi; mkdir -p {d}",
+                                  timeout=SHORT_TIMEOUT_S, what="mkdir")
         if rc != 0:
             raise BenchError(f"{self.name}: cannot create {self.device_dir}: {err.strip()[:160]}")
+        self.created_dir = self.created_dir or "__TFQAT_EXISTED" not in out
 
     def remote(self, name: str) -> str:
         return f"{self.device_dir}/{name}"
@@ -231,6 +267,7 @@ class Adb(Transport):
 
     def __init__(self, serial: str | None = None, adb: str | None = None, **kw):
         super().__init__(**kw)
+        self.default_dir = kw.get("device_dir") in (None, DEVICE_DIR)
         self.adb = shlex.split(adb or os.environ.get("ADB") or "adb")
         self.serial = serial or os.environ.get("ANDROID_SERIAL") or None
 
@@ -346,14 +383,18 @@ class Adb(Transport):
 
 
 # ---------------------------------------------------------------------------------------------
+SSH_DEVICE_DIR = "/tmp/tfqat-bench"
+
+
 class Ssh(Transport):
     """A Linux board (Raspberry Pi 5 and the like) over ssh/scp, key-based (BatchMode)."""
 
     kind = "ssh"
 
     def __init__(self, host: str, ssh: str | None = None, scp: str | None = None, port: int | None = None, **kw):
-        kw.setdefault("device_dir", "/tmp/tfqat-bench")
+        kw["device_dir"] = kw.get("device_dir") or SSH_DEVICE_DIR
         super().__init__(**kw)
+        self.default_dir = kw["device_dir"] == SSH_DEVICE_DIR
         if not host:
             raise BenchError("--transport ssh needs --host user@board", "usage")
         self.host = host
@@ -419,8 +460,11 @@ class Local(Transport):
     kind = "local"
 
     def __init__(self, **kw):
-        kw.setdefault("device_dir", tempfile.mkdtemp(prefix="tfqat-bench-"))
+        fresh = kw.get("device_dir") is None
+        if fresh:
+            kw["device_dir"] = tempfile.mkdtemp(prefix="tfqat-bench-")
         super().__init__(**kw)
+        self.default_dir = self.created_dir = fresh
 
     def shell(self, cmd, timeout=None, what="shell"):
         t = timeout or self.timeout
@@ -624,16 +668,98 @@ def default_benchmark_model(abi: str) -> Path | None:
     return p if p.exists() else None
 
 
+#: ``--benchmark-model litert-python``: our runner on the LiteRT Python runtime
+#: (android_bench/litert_benchmark.py) instead of a stock binary; it runs where this host's Python
+#: runs (``--transport local``, or ssh to this host).
+PYTHON_RUNNER = "litert-python"
+
+
+def python_runner_launcher(directory: Path) -> Path:
+    """An executable ``benchmark_model`` that starts :mod:`android_bench.litert_benchmark` with this
+    Python (pushed to the device directory like the stock binary)."""
+    from . import REPO_ROOT
+
+    path = Path(directory) / "benchmark_model"
+    path.write_text(f"#!{os.path.realpath(sys.executable)}\n"
+                    "import sys\n"
+                    f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+                    "from android_bench.litert_benchmark import main\n"
+                    "sys.exit(main())\n")
+    path.chmod(0o755)
+    return path
+
+
+def check_models(models: list[str | Path]) -> list[dict]:
+    """Every ``--model`` before anything runs: an existing ``.tflite`` file that reads as a TFLite
+    flatbuffer. Returns per model its path, signatures and whether it holds TFQAT_* ops (those run
+    only with our delegate). One-line :class:`BenchError` (kind usage) naming the file otherwise."""
+    from tfqat.runtime import TfqatRuntimeError, model_ops, model_signatures
+
+    out = []
+    for m in models:
+        path = Path(m)
+        if not path.exists():
+            raise BenchError(f"--model {path}: no such file; give the path of a .tflite (python -m tfqat.export "
+                             "writes model.tflite and model_float.tflite)", "usage")
+        if not path.is_file():
+            raise BenchError(f"--model {path}: not a file; give the path of a .tflite", "usage")
+        if path.suffix != ".tflite":
+            raise BenchError(f"--model {path}: not a .tflite file; give an exported model.tflite", "usage")
+        data = path.read_bytes()
+        try:
+            ops = model_ops(data)
+            sigs = model_signatures(data)
+        except TfqatRuntimeError as e:
+            raise BenchError(f"--model {path}: {e}; export it again (python -m tfqat.export)", "usage") from None
+        out.append({"path": path, "signatures": sigs, "quantized": any(o.startswith("TFQAT_") for o in ops)})
+    names = [m["path"].name for m in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BenchError(f"--model: two models named {dup[0]} (they would overwrite each other on the device); "
+                         "rename one", "usage")
+    return out
+
+
+def pick_signature(signatures: list[str], wanted: str | None = None) -> str | None:
+    """The signature benchmark_model should run: ``wanted``, else ``prefill`` (Table IV's prompt
+    pass), else the first; None for a model with at most one signature (no flag needed)."""
+    if wanted:
+        if signatures and wanted not in signatures:
+            raise BenchError(f"--signature {wanted}: the model has {', '.join(signatures)}", "usage")
+        return wanted if signatures else None
+    if len(signatures) <= 1:
+        return None
+    return "prefill" if "prefill" in signatures else signatures[0]
+
+
 # ---------------------------------------------------------------------------------------------
-def run_session(transport: Transport, build_dir: Path, manifest: dict, out_dir: Path, *,
+def run_session(transport: Transport, build_dir: Path | None, manifest: dict | None, out_dir: Path, *,
                 filters: list[str] | None = None, reps: int = 30, bench_runs: int = 3, bench_warmup: int = 1,
                 models: list[str] | None = None, benchmark_model: str | None = None, num_threads: int = 1,
                 num_runs: int = 50, warmup_runs: int = 5, qemu_cpus: list[str] | None = None,
-                count_T: int = 128, count_filter: str = "", log=print) -> dict:
+                count_T: int = 128, count_filter: str = "", signature: str | None = None,
+                builder=None, log=print) -> dict:
     """One run on one device. Writes out_dir/result.json after every step, out_dir/raw/* as pulled,
-    and the report (report.md, report.json, report.png) at the end, also after a failure."""
+    and the report (report.md, report.json, report.png) at the end, also after a failure.
+
+    Order: the inputs (``models``, ``benchmark_model``) are checked first, then the device; only
+    then ``builder()`` (``-> (build_dir, manifest)``, e.g. a cross build of minutes) runs, when
+    ``build_dir`` is None. Nothing is pushed before all of that has passed.
+    """
     from . import report as report_mod
 
+    model_info = check_models(models or [])
+    if benchmark_model and benchmark_model != PYTHON_RUNNER and not Path(benchmark_model).is_file():
+        raise BenchError(f"--benchmark-model {benchmark_model}: no such file; give LiteRT's benchmark_model "
+                         f"for the device, or {PYTHON_RUNNER} on this host", "usage")
+    if model_info and isinstance(transport, Emulated):
+        raise BenchError("--model: the emulated transport counts kernel instructions only; run models over "
+                         "--transport adb, ssh or local", "usage")
+    for m in model_info:
+        m["signature"] = pick_signature(m["signatures"], signature)
+    if build_dir is None and builder is None:
+        raise BenchError("run_session needs a build_dir and manifest, or a builder", "usage")
+    manifest = manifest or {}
     out_dir = Path(out_dir)
     (out_dir / "raw").mkdir(parents=True, exist_ok=True)
     result: dict = {
@@ -654,13 +780,30 @@ def run_session(transport: Transport, build_dir: Path, manifest: dict, out_dir: 
         log(f"[android_bench] {msg}")
         save()
 
-    artifacts = manifest.get("artifacts", {})
     error: BenchError | None = None
     try:
-        expect_abi = "arm64-v8a" if manifest.get("toolchain") != "host" else None
-        result["device"] = transport.check(expect_abi=expect_abi)
+        result["device"] = transport.check()
         step(f"checked {transport.name}: abi {result['device']['abi']}, big cores {result['device']['big_cores']}, "
              f"features {' '.join(result['device']['kernel_features']) or '-'}")
+        if build_dir is None:
+            build_dir, manifest = builder()
+            result["build"] = manifest
+            step(f"build: {manifest.get('toolchain')} in {build_dir}")
+        build_dir = Path(build_dir)
+        artifacts = manifest.get("artifacts", {})
+        transport.require_abi("arm64-v8a" if manifest.get("toolchain") != "host" else None)
+        bm = benchmark_model or (str(default_benchmark_model(result["device"]["abi"]) or "") or None)
+        if model_info and not bm and transport.kind == "local":
+            bm = PYTHON_RUNNER
+        if model_info and not bm:
+            raise BenchError(f"--model needs benchmark_model: none given and none in ~/.cache/litert-cli/binaries/"
+                             f"{result['device']['abi']}/; pass --benchmark-model PATH (LiteRT's, for this device)",
+                             "usage")
+        for m in model_info:  # said now, not after the microbenchmarks
+            m["skip"] = _delegate_problem(transport, manifest) if m["quantized"] else None
+            if m["skip"]:
+                step(f"benchmark_model {m['path'].name} will be skipped: its TFQAT_* ops need our delegate, "
+                     f"and {m['skip']}")
         transport.prepare()
         if isinstance(transport, Emulated):
             probe = build_dir / artifacts["tfqat_insn_probe"]["path"]
@@ -688,6 +831,7 @@ def run_session(transport: Transport, build_dir: Path, manifest: dict, out_dir: 
             for i in range(bench_runs):
                 for j, f in enumerate(flist):
                     name = f"bench_run{i + 1}_{j + 1}.json"
+                    transport.pushed.append(transport.remote(name))  # written there: cleanup removes it
                     rc, out, err = transport.run_binary(["./tfqat_bench", "--filter", f, "--reps", str(reps),
                                                          "--json", name], what=f"microbenchmark run {i + 1}")
                     if rc != 0:
@@ -700,11 +844,8 @@ def run_session(transport: Transport, build_dir: Path, manifest: dict, out_dir: 
                         result["device"].setdefault("bench_machine", data["machine"])
                 result["microbench"]["aggregate"] = aggregate_bench(result["microbench"]["runs"])
                 step(f"microbenchmark run {i + 1}/{bench_runs} pulled")
-            bm = benchmark_model or (str(default_benchmark_model(result["device"]["abi"]) or "") or None)
-            if models and not bm:
-                step("no benchmark_model given or in ~/.cache/litert-cli/binaries/<abi>/: model runs skipped")
-            if bm and models:
-                _run_benchmark_model(transport, Path(bm), [Path(m) for m in models], build_dir, manifest, result,
+            if model_info:
+                _run_benchmark_model(transport, bm, model_info, build_dir, manifest, result,
                                      out_dir, num_threads, num_runs, warmup_runs, step)
         result["status"] = "ok"
     except BenchError as e:
@@ -713,9 +854,9 @@ def run_session(transport: Transport, build_dir: Path, manifest: dict, out_dir: 
                                          or result["benchmark_model"]) else "failed"
         result["error"] = str(e)
         result["error_kind"] = e.kind
-    finally:
-        kept = transport.cleanup()
-        result["cleanup"] = "removed " + transport.device_dir if kept else "device unreachable: nothing removed"
+    finally:  # nothing of this run on the device: leave it alone (and say so)
+        done = transport.cleanup() if (transport.pushed or transport.created_dir) else True
+        result["cleanup"] = transport.cleanup_report(done)
         result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         save()
         try:
@@ -729,37 +870,58 @@ def run_session(transport: Transport, build_dir: Path, manifest: dict, out_dir: 
     return result
 
 
-def _run_benchmark_model(transport, bm: Path, models: list[Path], build_dir: Path, manifest: dict, result: dict,
+def _delegate_problem(transport, manifest: dict) -> str | None:
+    """Why this build's libtfqat_ops.so cannot serve benchmark_model on this device, or None."""
+    so = manifest.get("artifacts", {}).get("libtfqat_ops.so")
+    if not so:
+        return "this build has no libtfqat_ops.so"
+    if transport.kind == "adb" and manifest.get("toolchain") != "android-ndk":
+        return (f"libtfqat_ops.so of this build loads in {manifest.get('delegate_loads_in', 'glibc processes')}, "
+                "not Android's (build with ANDROID_NDK_HOME)")
+    return None
+
+
+def _run_benchmark_model(transport, bm: str, models: list[dict], build_dir: Path, manifest: dict, result: dict,
                          out_dir: Path, num_threads: int, num_runs: int, warmup_runs: int, step) -> None:
-    if not bm.exists():
-        raise BenchError(f"benchmark_model not found: {bm}", "usage")
-    remote_bm = transport.push(bm, "benchmark_model")
+    """Each model (from :func:`check_models`) under benchmark_model: a float model as is, a model
+    with TFQAT_* ops with our delegate (without it LiteRT cannot resolve them); the signature named
+    by ``--signature_to_run_for`` when the model has several (the stock tool refuses to guess)."""
+    if bm == PYTHON_RUNNER:
+        runner = PYTHON_RUNNER
+        with tempfile.TemporaryDirectory(prefix="tfqat-runner-") as tmp:
+            remote_bm = transport.push(python_runner_launcher(Path(tmp)), "benchmark_model")
+    else:
+        runner = "benchmark_model"
+        remote_bm = transport.push(Path(bm), "benchmark_model")
     transport.shell(f"chmod 755 {shlex.quote(remote_bm)}", timeout=SHORT_TIMEOUT_S, what="chmod")
     delegate = None
     so = manifest.get("artifacts", {}).get("libtfqat_ops.so")
-    loads_in = manifest.get("delegate_loads_in", "")
-    if so and (transport.kind != "adb" or manifest.get("toolchain") == "android-ndk"):
-        delegate = transport.push(build_dir / so["path"])
-    elif so and transport.kind == "adb":
-        step(f"libtfqat_ops.so of this build loads in {loads_in}: delegate runs skipped (build with ANDROID_NDK_HOME)")
-    for model in models:
-        if not model.exists():
-            raise BenchError(f"model not found: {model}", "usage")
+    for m in models:
+        model = m["path"]
+        if m.get("skip"):  # announced before the microbenchmarks
+            continue
+        if m["quantized"] and delegate is None:
+            delegate = transport.push(build_dir / so["path"])
         remote_model = transport.push(model)
-        for with_delegate in ([False, True] if delegate else [False]):
-            argv = ["./benchmark_model", f"--graph={remote_model}", f"--num_threads={num_threads}",
-                    f"--num_runs={num_runs}", f"--warmup_runs={warmup_runs}"]
-            if with_delegate:
-                argv.append(f"--external_delegate_path={delegate}")
-            rc, out, err = transport.run_binary(argv, what=f"benchmark_model {model.name}")
-            tag = f"{model.stem}{'-tfqat' if with_delegate else ''}"
-            (out_dir / "raw").mkdir(parents=True, exist_ok=True)
-            (out_dir / "raw" / f"benchmark_model-{tag}.txt").write_text(out + err)
-            if rc != 0:
-                raise BenchError(f"benchmark_model on {model.name} failed (rc {rc}): {(err or out).strip()[-200:]}")
-            timing = parse_benchmark_model(out + "\n" + err)
-            result["benchmark_model"].append({"model": model.name, "delegate": "tfqat" if with_delegate else "none",
-                                              "num_threads": num_threads, "num_runs": num_runs,
-                                              "warmup_runs": warmup_runs, **timing})
-            step(f"benchmark_model {model.name} ({'tfqat delegate' if with_delegate else 'stock'}): "
-                 f"avg {timing.get('avg_us', float('nan')):.1f} us")
+        argv = ["./benchmark_model", f"--graph={remote_model}", f"--num_threads={num_threads}",
+                f"--num_runs={num_runs}", f"--warmup_runs={warmup_runs}"]
+        if m["signature"]:
+            argv.append(f"--signature_to_run_for={m['signature']}")
+        if m["quantized"]:
+            argv.append(f"--external_delegate_path={delegate}")
+        rc, out, err = transport.run_binary(argv, what=f"benchmark_model {model.name}")
+        tag = f"{model.stem}{'-tfqat' if m['quantized'] else ''}"
+        (out_dir / "raw").mkdir(parents=True, exist_ok=True)
+        (out_dir / "raw" / f"benchmark_model-{tag}.txt").write_text(out + err)
+        if rc != 0:
+            raise BenchError(f"benchmark_model on {model.name} failed (rc {rc}): {(err or out).strip()[-200:]}")
+        timing = parse_benchmark_model(out + "\n" + err)
+        if "avg_us" not in timing:
+            raise BenchError(f"benchmark_model on {model.name} printed no 'Inference timings in us' line; see "
+                             f"{out_dir / 'raw' / f'benchmark_model-{tag}.txt'}")
+        result["benchmark_model"].append({"model": model.name, "signature": m["signature"],
+                                          "delegate": "tfqat" if m["quantized"] else "none", "runner": runner,
+                                          "num_threads": num_threads, "num_runs": num_runs,
+                                          "warmup_runs": warmup_runs, **timing})
+        step(f"benchmark_model {model.name}{' ' + m['signature'] if m['signature'] else ''} "
+             f"({'tfqat delegate' if m['quantized'] else 'stock ops'}, {runner}): avg {timing['avg_us']:.1f} us")

@@ -1,7 +1,9 @@
 """android_bench: transports' error paths (a scripted fake adb), the report layout, an emulated run
-that counts aarch64 instructions under qemu, and the adb path end to end: Debian's real adb client
-against a real adbd (Debian trixie's, with its own loader and libraries) that runs in a private
-network namespace with a chroot as the device's file system. No phone, no traffic off loopback.
+that counts aarch64 instructions under qemu, the host path end to end on a real exported model
+(our benchmark_model runner on the LiteRT Python runtime, our delegate), and the adb path end to
+end: Debian's real adb client against a real adbd (Debian trixie's, with its own loader and
+libraries) that runs in a private network namespace with a chroot as the device's file system.
+No phone, no traffic off loopback.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import stat
 import subprocess
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_export import exported, ops_lib  # noqa: F401 (fixtures: the micro export, the delegate)
 
 from android_bench import BenchError, report
 from android_bench.transports import (Adb, aggregate_bench, big_cores, cpu_mask, parse_benchmark_model,
@@ -525,20 +529,29 @@ def test_adb_push_shell_pull_and_device_checks(adbd_device, tmp_path):
             os.environ["HOME"] = old_home
 
 
+# The loopback "device" is aarch64 under qemu with no Python, so neither LiteRT's benchmark_model
+# (no offline aarch64 build) nor our LiteRT-Python runner can run there: this C stand-in checks the
+# flags it gets, like the stock tool refuses a multi-signature model without --signature_to_run_for
+# (our exports have prefill and decode), and prints the stock timing line. The real runtime path is
+# test_local_run_benchmarks_a_real_export_end_to_end (the host, LiteRT, our delegate).
 FAKE_BENCHMARK_MODEL_C = r'''
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
-/* stands in for LiteRT's benchmark_model on the loopback device: checks the flags it gets */
 int main(int argc, char** argv) {
-  const char* graph = 0; int threads = 0, runs = 0, warm = 0, deleg = 0;
+  const char* graph = 0; int threads = 0, runs = 0, warm = 0, deleg = 0, sig = 0;
   for (int i = 1; i < argc; ++i) {
     if (!strncmp(argv[i], "--graph=", 8)) graph = argv[i] + 8;
     else if (!strncmp(argv[i], "--num_threads=", 14)) threads = 1;
     else if (!strncmp(argv[i], "--num_runs=", 11)) runs = 1;
     else if (!strncmp(argv[i], "--warmup_runs=", 14)) warm = 1;
+    else if (!strcmp(argv[i], "--signature_to_run_for=prefill")) sig = 1;
     else if (!strncmp(argv[i], "--external_delegate_path=", 25)) deleg = access(argv[i] + 25, R_OK) == 0 ? 1 : -1;
     else { fprintf(stderr, "unknown flag %s\n", argv[i]); return 1; }
+  }
+  if (!sig) {
+    fprintf(stderr, "ERROR: the model has several signatures; pick one with --signature_to_run_for\n");
+    return 1;
   }
   if (!graph || access(graph, R_OK) != 0 || !threads || !runs || !warm || deleg < 0) return 3;
   printf("INFO: Inference timings in us: Init: 2100, First inference: 900, Warmup (avg): 850.5, Inference (avg): %s\n",
@@ -548,7 +561,7 @@ int main(int argc, char** argv) {
 '''
 
 
-def test_adb_whole_run_produces_report(adbd_device, aarch64_build, tmp_path):
+def test_adb_whole_run_produces_report(adbd_device, aarch64_build, exported, tmp_path):  # noqa: F811
     dev = adbd_device
     if not shutil.which("aarch64-linux-gnu-gcc"):
         pytest.skip("aarch64-linux-gnu-gcc is not installed")
@@ -556,16 +569,16 @@ def test_adb_whole_run_produces_report(adbd_device, aarch64_build, tmp_path):
     src.write_text(FAKE_BENCHMARK_MODEL_C)
     bm = tmp_path / "benchmark_model"
     subprocess.run(["aarch64-linux-gnu-gcc", "-O1", "-static", "-o", str(bm), str(src)], check=True, timeout=120)
-    model = tmp_path / "llama58m_w4a8.tflite"
-    model.write_bytes(b"TFL3" + bytes(64))
+    model = exported["dir"] / "model_float.tflite"  # builtin ops; the TFQAT one needs an NDK-built delegate
+    quantized = exported["dir"] / "model.tflite"
     out = tmp_path / "run"
     args = ["run", "--transport", "adb", "--serial", f"127.0.0.1:{ADBD_PORT}", "--adb", " ".join(dev.adb),
             "--build-dir", str(aarch64_build[0]), "--device-exec-prefix", "/usr/bin/qemu-aarch64-static -cpu max",
             "--bench-runs", "1", "--bench-warmup", "0", "--reps", "1",
             "--bench-filter", "llama58m/512x512/T128", "--bench-filter", "llama58m/512x1024/T128",
             "--bench-filter", "llama58m/1024x512/T128",
-            "--model", str(model), "--benchmark-model", str(bm), "--num-runs", "3", "--warmup-runs", "1",
-            "--out", str(out)]
+            "--model", str(model), "--model", str(quantized), "--benchmark-model", str(bm), "--num-runs", "3",
+            "--warmup-runs", "1", "--out", str(out)]
     r = run_cli(args, env={"HOME": str(dev.home)}, timeout=600)
     print(r.stdout)
     print(r.stderr)
@@ -578,8 +591,12 @@ def test_adb_whole_run_produces_report(adbd_device, aarch64_build, tmp_path):
     assert [r["config"] for r in rows][:3] == ["FP16", "W8A8", "W4A8"]
     assert all(r["value"] and r["value"] > 0 for r in rows), rows
     assert res["benchmark_model"] == [
-        {"model": model.name, "delegate": "none", "num_threads": 1, "num_runs": 3, "warmup_runs": 1,
+        {"model": model.name, "signature": "prefill", "delegate": "none", "runner": "benchmark_model",
+         "num_threads": 1, "num_runs": 3, "warmup_runs": 1,
          "init_us": 2100.0, "first_us": 900.0, "warmup_avg_us": 850.5, "avg_us": 812.75}]
+    skip = [s for s in res["steps"] if s.startswith("benchmark_model model.tflite will be skipped")]
+    assert len(skip) == 1 and "its TFQAT_* ops need our delegate" in skip[0]
+    assert res["steps"].index(skip[0]) < min(i for i, s in enumerate(res["steps"]) if s.startswith("pushed"))
     md = (out / "report.md").read_text()
     print(md.split("## All microbenchmark cases")[0])
     assert "Table IV: ms/token, 128 input tokens (i8mm kernels)" in md and "| 812.8 |" in md
@@ -729,3 +746,291 @@ def test_adb_disconnect_mid_run_real_adbd(adbd_device, aarch64_build, tmp_path):
         if old_home is not None:
             os.environ["HOME"] = old_home
     assert not (dev.root / "data/local/tmp/tfqat").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and the device before any build; cleanup and report lines that say what happened
+
+def test_bad_model_is_refused_before_the_device_and_any_build(fake_env, tmp_path):
+    """No device and no build either: the missing model is what is reported, in seconds."""
+    root = tmp_path / "build-root"
+    root.mkdir()
+    cases = [
+        (tmp_path / "absent.tflite", "no such file"),
+        (tmp_path / "weights.h5", "not a .tflite file"),
+        (tmp_path / "junk.tflite", "not a TFLite model (file identifier TFL3 missing)"),
+        (tmp_path, "not a file"),
+    ]
+    (tmp_path / "weights.h5").write_bytes(b"\x89HDF")
+    (tmp_path / "junk.tflite").write_bytes(b"hello, not a flatbuffer")
+    for model, why in cases:
+        t0 = time.monotonic()
+        r = run_cli(["run", "--transport", "adb", "--serial", "NOPE", "--adb", str(tmp_path / "no-adb"),
+                     "--build-root", str(root), "--out", str(tmp_path / "out"), "--model", str(model)], timeout=120)
+        assert r.returncode == 2, r.stderr
+        line = _one_line_error(r)
+        assert f"--model {model}: {why}" in line, line
+        assert time.monotonic() - t0 < 60
+        assert list(root.iterdir()) == []  # nothing built
+        assert not (tmp_path / "out" / "result.json").exists()  # nothing ran
+
+
+def test_device_is_checked_before_any_build(fake_env, tmp_path):
+    root = tmp_path / "build-root"
+    root.mkdir()
+    env = dict(fake_env["env"], FAKE_ADB_MODE="nodevice")
+    r = run_cli(["run", "--transport", "adb", "--serial", "FAKE123", "--adb", fake_env["adb"], "--build-root",
+                 str(root), "--out", str(fake_env["out"])], env=env, timeout=120)
+    assert r.returncode == 1 and "no adb device FAKE123" in _one_line_error(r)
+    assert list(root.iterdir()) == []  # no cross build was started
+    res = json.loads((fake_env["out"] / "result.json").read_text())
+    assert res["status"] == "failed" and res["error_kind"] == "no-device"
+    assert res["cleanup"] == "nothing was pushed; nothing to remove"
+    assert "Cleanup: removed" not in (fake_env["out"] / "report.md").read_text()
+    calls = (fake_env["root"] / "calls.log").read_text()
+    assert "rm -rf" not in calls and "push" not in calls
+
+
+def test_bad_numbers_are_one_line(fake_env):
+    for flag, value in (("--num-runs", "0"), ("--warmup-runs", "-1"), ("--num-threads", "0"), ("--timeout", "0")):
+        r = _fake_run(fake_env, "ok", flag, value)
+        assert r.returncode == 2 and f"{flag} {value}: must be" in _one_line_error(r)
+
+
+def test_report_on_a_missing_or_foreign_folder_is_one_line(tmp_path):
+    r = run_cli(["report", str(tmp_path / "nope")], timeout=60)
+    assert r.returncode == 2 and "no such folder" in _one_line_error(r) and "Traceback" not in r.stderr
+    r = run_cli(["report", str(tmp_path)], timeout=60)
+    assert r.returncode == 2 and "holds no result.json" in _one_line_error(r)
+    (tmp_path / "result.json").write_text('{"schema": "tfqat.android_bench.res')
+    r = run_cli(["report", str(tmp_path)], timeout=60)
+    assert r.returncode == 2 and "damaged JSON" in _one_line_error(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# the host path end to end: the pip-built tfqat_bench and delegate, a real export, our
+# benchmark_model runner on the LiteRT Python runtime
+
+@pytest.fixture
+def host_build(tmp_path, ops_lib):  # noqa: F811 (the fixture imported from test_export)
+    import hashlib
+
+    bench = REPO / "tfqat" / "_lib" / "tfqat_bench"
+    if not bench.is_file():
+        pytest.skip("tfqat/_lib/tfqat_bench is missing: pip install -e . builds it")
+    d = tmp_path / "host-build"
+    d.mkdir()
+    arts = {}
+    for name, src in (("tfqat_bench", bench), ("libtfqat_ops.so", Path(ops_lib))):
+        shutil.copy2(src, d / name)
+        arts[name] = {"path": name, "bytes": (d / name).stat().st_size,
+                      "sha256": hashlib.sha256((d / name).read_bytes()).hexdigest()}
+    (d / "manifest.json").write_text(json.dumps({"toolchain": "host", "compiler": "pip install", "artifacts": arts,
+                                                 "delegate_loads_in": "host processes"}))
+    return d
+
+
+def test_litert_python_runner_flags_and_output(exported):  # noqa: F811
+    model = exported["dir"] / "model.tflite"
+    runner = [PY, "-m", "android_bench.litert_benchmark", f"--graph={model}", "--num_runs=3", "--warmup_runs=1",
+              "--num_threads=1", f"--external_delegate_path={exported['lib']}"]
+    r = subprocess.run(runner, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 1 and "--signature_to_run_for" in r.stderr  # two signatures: as the stock tool
+    r = subprocess.run(runner + ["--signature_to_run_for=prefill", "--input_layer=tokens", "--input_layer_shape=32",
+                                 "--external_delegate_options=isa:ref"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    t = parse_benchmark_model(r.stdout)
+    assert set(t) == {"init_us", "first_us", "warmup_avg_us", "avg_us"} and all(v > 0 for v in t.values())
+    assert "count=3 " in r.stdout and "Memory footprint delta" in r.stdout
+    r = subprocess.run(runner[:4] + ["--signature_to_run_for=prefill"], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 1 and "unresolved custom op: TFQAT_" in r.stderr  # no delegate: LiteRT cannot run it
+    r = subprocess.run(runner + ["--signature_to_run_for=generate"], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 1 and "'generate' is not in the model (it has decode, prefill)" in r.stderr
+    r = subprocess.run(runner + ["--num-runs=3"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 1 and "unknown flags --num-runs=3" in r.stderr
+
+
+def test_local_run_benchmarks_a_real_export_end_to_end(exported, host_build, tmp_path):  # noqa: F811
+    d = exported["dir"]
+    out = tmp_path / "run"
+    r = run_cli(["run", "--transport", "local", "--build-dir", str(host_build), "--bench-filter",
+                 "llama58m/512x512/T128", "--reps", "1", "--bench-runs", "1", "--bench-warmup", "0",
+                 "--model", str(d / "model.tflite"), "--model", str(d / "model_float.tflite"),
+                 "--num-runs", "3", "--warmup-runs", "1", "--out", str(out)], timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((out / "result.json").read_text())
+    assert res["status"] == "ok"
+    bm = {row["model"]: row for row in res["benchmark_model"]}
+    assert set(bm) == {"model.tflite", "model_float.tflite"}
+    q, f = bm["model.tflite"], bm["model_float.tflite"]
+    assert (q["signature"], q["delegate"], q["runner"]) == ("prefill", "tfqat", "litert-python")
+    assert (f["signature"], f["delegate"], f["runner"]) == ("prefill", "none", "litert-python")
+    for row in (q, f):
+        assert row["num_runs"] == 3 and row["warmup_runs"] == 1 and row["avg_us"] > 0 and row["init_us"] > 0
+    raw = (out / "raw" / "benchmark_model-model-tfqat.txt").read_text()
+    assert "--signature_to_run_for" not in raw and "Signature to run: [prefill]" in raw
+    assert f"External delegate path: [{res['device']['device_dir']}/libtfqat_ops.so]" in raw
+    md = (out / "report.md").read_text()
+    assert "| model.tflite | prefill | tfqat | litert-python | 1 | 3 |" in md
+    board = res["device"]["device_dir"]
+    assert res["cleanup"] == f"removed {board}" and not Path(board).exists()
+    # the report re-renders from result.json alone
+    (out / "report.md").unlink()
+    r = run_cli(["report", str(out)], timeout=60)
+    assert r.returncode == 0 and (out / "report.md").read_text() == md
+
+
+def test_local_run_in_a_user_directory_removes_only_what_it_pushed(host_build, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("the user's file")
+    out = tmp_path / "run"
+    r = run_cli(["run", "--transport", "local", "--device-dir", str(mine), "--build-dir", str(host_build),
+                 "--bench-filter", "llama58m/512x512/T128", "--reps", "1", "--bench-runs", "1", "--bench-warmup",
+                 "0", "--out", str(out)], timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((out / "result.json").read_text())
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+    assert res["cleanup"] == f"removed 2 pushed files from {mine} (the directory was there before)"
+
+
+# ---------------------------------------------------------------------------------------------
+# the ssh transport against a real OpenSSH sshd (Debian's openssh-server, fetched, never
+# installed) that listens on the loopback of a private network namespace: the "board" is this
+# host, so our LiteRT-Python benchmark_model runs on it end to end
+
+SSHD_PORT = 2222
+
+
+class Board:
+    def __init__(self, base: Path, sshd: str, libs: str):
+        self.base = base
+        for name in ("host_key", "client_key", "other_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True,
+                           timeout=60)
+        (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
+        (base / "sshd_config").write_text(textwrap.dedent(f"""\
+            Port {SSHD_PORT}
+            ListenAddress 127.0.0.1
+            HostKey {base / 'host_key'}
+            PidFile none
+            AuthorizedKeysFile {base / 'authorized_keys'}
+            PermitRootLogin prohibit-password
+            PasswordAuthentication no
+            KbdInteractiveAuthentication no
+            UsePAM no
+            StrictModes no
+            UseDNS no
+            Subsystem sftp internal-sftp
+            """))
+        self.log = open(base / "sshd.log", "wb")
+        self.proc = subprocess.Popen([str(TESTENV / "sshd_board.sh"), sshd, str(base / "sshd_config"), libs],
+                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.init_pid = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+                if kids and Path(f"/proc/{kids[0]}/exe").resolve().name == "sshd":
+                    self.init_pid = int(kids[0])
+                    if self.run_ssh("true").returncode == 0:
+                        return
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("sshd did not start: " + (base / "sshd.log").read_text()[-800:])
+
+    def client(self, tool: str, key: str = "client_key") -> str:
+        """The command line TFQAT_SSH / TFQAT_SCP take: the client runs inside the namespace."""
+        return " ".join(["nsenter", "-t", str(self.init_pid), "-n", "--", tool, "-F", "/dev/null", "-i",
+                         str(self.base / key), "-o", "IdentitiesOnly=yes", "-o",
+                         f"UserKnownHostsFile={self.base / 'known_hosts'}", "-o", "StrictHostKeyChecking=accept-new",
+                         "-o", "LogLevel=ERROR"])
+
+    def env(self, key: str = "client_key") -> dict:
+        return {"TFQAT_SSH": self.client("ssh", key), "TFQAT_SCP": self.client("scp", key)}
+
+    def run_ssh(self, cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(shlex.split(self.client("ssh")) + ["-o", "BatchMode=yes", "-p", str(SSHD_PORT),
+                                                                "root@127.0.0.1", cmd],
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    def ns(self, *cmd) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", "-t", str(self.init_pid), "-n", "--", *cmd], capture_output=True,
+                              text=True, timeout=30)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)  # unshare --kill-child: sshd and its sessions die too
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def sshd_board(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network and mount namespaces)")
+    for tool in ("unshare", "nsenter", "ip", "ssh", "scp", "ssh-keygen", "dpkg-deb", "apt-get"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed")
+    r = subprocess.run(["bash", str(TESTENV / "setup_sshd.sh"), str(REPO / "build" / "sshd")], capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode == 3:
+        pytest.skip("openssh-server could not be fetched: " + r.stderr.strip()[-300:])
+    assert r.returncode == 0, r.stdout + r.stderr
+    sshd = r.stdout.strip().splitlines()[-1]
+    lib_path = REPO / "build" / "sshd" / "root" / "lib-path"
+    libs = lib_path.read_text().strip() if sshd.startswith(str(REPO)) and lib_path.exists() else ""
+    board = Board(tmp_path_factory.mktemp("sshd"), sshd, libs)
+    try:
+        yield board
+    finally:
+        board.stop()
+
+
+def test_sshd_listens_on_namespace_loopback_only(sshd_board):
+    b = sshd_board
+    ifaces = [ln.split(":")[0].strip() for ln in b.ns("cat", "/proc/net/dev").stdout.splitlines()[2:]]
+    assert ifaces == ["lo"]
+    rows = [row.split() for t in ("tcp", "tcp6") for row in b.ns("cat", f"/proc/net/{t}").stdout.splitlines()[1:]]
+    listening = [row[1] for row in rows if row[3] == "0A"]
+    assert listening == [f"0100007F:{SSHD_PORT:04X}"], listening  # 127.0.0.1:2222 and nothing else
+    assert b.run_ssh("echo $((6 * 7))").stdout.strip() == "42"
+
+
+def test_ssh_run_on_a_real_sshd_benchmarks_a_real_export(sshd_board, exported, host_build, tmp_path):  # noqa: F811
+    board_dir = tmp_path / "board"
+    out = tmp_path / "run"
+    r = run_cli(["run", "--transport", "ssh", "--host", "root@127.0.0.1", "--port", str(SSHD_PORT),
+                 "--device-dir", str(board_dir), "--build-dir", str(host_build), "--bench-filter",
+                 "llama58m/512x512/T128", "--reps", "1", "--bench-runs", "1", "--bench-warmup", "0",
+                 "--model", str(exported["dir"] / "model.tflite"), "--benchmark-model", "litert-python",
+                 "--num-runs", "3", "--warmup-runs", "1", "--out", str(out)], env=sshd_board.env(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((out / "result.json").read_text())
+    assert res["status"] == "ok" and res["transport"] == "ssh" and res["device"]["device_dir"] == str(board_dir)
+    assert res["microbench"]["aggregate"] and all(a["median_us"] > 0 for a in res["microbench"]["aggregate"])
+    (row,) = res["benchmark_model"]
+    assert (row["model"], row["signature"], row["delegate"], row["runner"]) == (
+        "model.tflite", "prefill", "tfqat", "litert-python")
+    assert row["avg_us"] > 0
+    assert res["cleanup"] == f"removed {board_dir}" and not board_dir.exists()
+
+
+def test_ssh_real_refusals_are_one_line(sshd_board, host_build, tmp_path):
+    base = ["run", "--transport", "ssh", "--host", "root@127.0.0.1", "--build-dir", str(host_build),
+            "--device-dir", str(tmp_path / "board"), "--out", str(tmp_path / "out")]
+    r = run_cli(base + ["--port", str(SSHD_PORT)], env=sshd_board.env("other_key"), timeout=120)
+    assert r.returncode == 1 and "ssh root@127.0.0.1: not authorized" in _one_line_error(r)
+    r = run_cli(base + ["--port", str(SSHD_PORT + 1)], env=sshd_board.env(), timeout=120)
+    assert r.returncode == 1 and "cannot reach the board" in _one_line_error(r)
+    assert not (tmp_path / "board").exists()

@@ -4,11 +4,15 @@ Greedy by default; ``--temperature T`` samples (with ``--top-k K`` and ``--seed 
 is ``tokenizer.json`` next to the model (written by ``python -m tfqat.export``) or ``--tokenizer``.
 ``--chat`` wraps the prompt in the ChatML template that instruct models such as SmolLM2-Instruct were
 tuned on (``<|im_start|>role\n...<|im_end|>``) and stops at ``<|im_end|>``. Imports no TensorFlow: LiteRT, our delegate library and the ``tokenizers`` package only.
+
+Exit status: 0 done; 2 a bad argument, model, library or tokenizer (one ``error:`` line naming the
+fix); 130 Ctrl-C (what was streamed stays printed, its line ended).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +37,33 @@ def load_tokenizer(model_path: Path, tokenizer: Optional[str] = None):
     if not path.is_file():
         raise TfqatRuntimeError(f"no tokenizer at {path}; pass --tokenizer tokenizer.json (the export "
                                 "folder has one)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for any bad file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise TfqatRuntimeError(f"{path}: not a readable tokenizer ({reason}); use the export's "
+                                "tokenizer.json (python -m tfqat.export writes it) or pass --tokenizer") from None
+
+
+def check_args(args: argparse.Namespace) -> Optional[str]:
+    """The first invalid argument as a one-line message naming the fix, or None."""
+    import math
+
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens {args.max_new_tokens}: must be at least 1"
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        return f"--temperature {args.temperature:g}: must be 0 (greedy) or a positive number such as 0.8"
+    if args.top_k < 0:
+        return f"--top-k {args.top_k}: must be 0 (all tokens) or a positive count such as 40"
+    if args.top_k and args.temperature == 0:
+        return f"--top-k {args.top_k} samples, but --temperature is 0 (greedy); add --temperature 0.8 or drop --top-k"
+    if args.threads < 1:
+        return f"--threads {args.threads}: must be at least 1"
+    if args.seed is not None and args.seed < 0:
+        return f"--seed {args.seed}: must be 0 or more"
+    if args.system is not None and not args.chat:
+        return "--system is the chat's system message; add --chat or drop --system"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +89,12 @@ def main(argv: Optional[list] = None) -> int:
     from tfqat.runtime import LiteModel, TfqatRuntimeError
 
     args = build_parser().parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    streaming = False
+    out: list = []
     try:
         model_path = Path(args.model)
         tok = load_tokenizer(model_path, args.tokenizer)
@@ -82,7 +118,8 @@ def main(argv: Optional[list] = None) -> int:
         stops += [] if eos is None else [eos]
         sys.stdout.write(args.prompt + ("\n" if args.chat else ""))
         sys.stdout.flush()
-        out, t0, t_first = [], time.perf_counter(), None
+        streaming = True
+        t0, t_first = time.perf_counter(), None
         text_so_far = ""
         for t in model.generate(ids, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                                 stop=tuple(stops)):
@@ -105,6 +142,15 @@ def main(argv: Optional[list] = None) -> int:
     except TfqatRuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: keep what was streamed, end its line, no traceback
+        if streaming:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        print(f"interrupted{f' after {len(out)} new tokens' if streaming else ''}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as text tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 0
     return 0
 
 

@@ -77,6 +77,24 @@ def model_ops(data: bytes) -> list:
         raise TfqatRuntimeError(f"corrupt or truncated TFLite model ({type(e).__name__})") from None
 
 
+def model_signatures(data: bytes) -> list:
+    """Signature keys of a .tflite (``["prefill", "decode"]`` for our exports; ``[]`` for a model
+    without signatures), reading the flatbuffer only.
+
+    Raises:
+        TfqatRuntimeError: not a TFLite flatbuffer, or truncated.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise TfqatRuntimeError("not a TFLite model (file identifier TFL3 missing)")
+    try:
+        m = schema.Model.GetRootAs(data, 0)
+        return [(m.SignatureDefs(i).SignatureKey() or b"").decode() for i in range(m.SignatureDefsLength())]
+    except Exception as e:  # flatbuffers raises struct/Index errors on garbage
+        raise TfqatRuntimeError(f"corrupt or truncated TFLite model ({type(e).__name__})") from None
+
+
 class LiteModel:
     """One exported model in a LiteRT interpreter, with its KV cache.
 

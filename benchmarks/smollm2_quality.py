@@ -40,7 +40,7 @@ def rows_table(e2e_steps: int, bw_steps: int) -> dict:
     for r in ("w8a8-dyn", "w4a8-dyn", "w4a4-8-dyn"):
         rows[f"ptq-{r}"] = ("PTQ (SmoothQuant + GPTQ)" if r != "w8a8-dyn" else "PTQ (SmoothQuant)", r,
                             {"train": {"steps": 0}, "blockwise": {"steps_per_block": 0}})
-    for r in ("w4a8-dyn", "w4a4-8-dyn"):
+    for r in ("w4a8-dyn", "w4a4-8-dyn", "w8a8-dyn"):
         rows[f"bw-{r}"] = ("PTQ + block-wise reconstruction", r,
                            {"train": {"steps": 0}, "blockwise": {"steps_per_block": bw_steps}})
     for r in ("w4a4-8-dyn", "w4a8-dyn"):
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     from tfqat.atomic import write_json_atomic
     from tfqat.evaluate import evaluate_model, keras_logprob_fn, perplexity
     from tfqat.export import export_models
-    from tfqat.quant.qat import logprob_fn, qat_stage
+    from tfqat.qat_stage import qat_stage
+    from tfqat.quant.qat import logprob_fn
     from tfqat.report import blimp_interval
     from tfqat.runtime import LiteModel
 

@@ -43,7 +43,8 @@ def main(argv=None) -> int:
 
     from tfqat.config import load_config
     from tfqat.models import build_model
-    from tfqat.quant.qat import calibrate, qat_loss, quantize_model, resolve_recipe
+    from tfqat.qat_stage import resolve_recipe
+    from tfqat.quant.qat import calibrate, qat_loss, quantize_model
     from tfqat.training import lm_loss
 
     cfg = load_config(args.config)

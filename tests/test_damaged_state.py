@@ -1,6 +1,6 @@
-"""Damaged run state (tfqat.training): corrupt checkpoints fall back to the previous kept one, a
-garbled ``checkpoint`` index is rebuilt, no readable checkpoint is refused, a full disk while saving
-is one line with no temporary left, and damaged ``.weights.h5`` / JSON files are one line.
+"""Damaged run state (tfqat.checkpoints, tfqat.training): corrupt checkpoints fall back to the previous
+kept one, a garbled ``checkpoint`` index is rebuilt, no readable checkpoint is refused, a full disk
+while saving is one line with no temporary left, and damaged ``.weights.h5`` / JSON files are one line.
 
 A micro LLaMA (hidden 16, one layer) trains 8 steps on random tokens that are a pure function of the
 step, checkpointing at 4 and 8: what a resumed run computes can be compared with the uninterrupted
@@ -109,7 +109,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(pristine, tmp_path
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
     # the damaged files are kept aside, the new ckpt-8 is whole, and the next run resumes quietly
     assert {p.name.split(".")[0] for p in (run / "ckpt" / "corrupt").iterdir()} == {"ckpt-8"}
-    from tfqat.training import checkpoint_problem
+    from tfqat.checkpoints import checkpoint_problem
 
     assert checkpoint_problem(run / "ckpt" / "ckpt-8") is None
     again, _ = _train(run)
@@ -206,7 +206,7 @@ def _small_model(hidden=16):
 
 def test_weights_files_damaged_missing_or_foreign_are_one_line(tmp_path):
     from tfqat.cli import UserError
-    from tfqat.training import load_weights_checked, save_weights_atomic
+    from tfqat.checkpoints import load_weights_checked, save_weights_atomic
 
     src = _small_model()
     path = tmp_path / "fp" / "teacher.weights.h5"
@@ -233,7 +233,7 @@ def test_weights_files_damaged_missing_or_foreign_are_one_line(tmp_path):
 
 def test_disk_full_while_saving_weights_leaves_no_temp(tmp_path, monkeypatch):
     from tfqat.cli import UserError
-    from tfqat.training import save_weights_atomic
+    from tfqat.checkpoints import save_weights_atomic
 
     model = _small_model()
     path = tmp_path / "student.weights.h5"
@@ -252,7 +252,7 @@ def test_disk_full_while_saving_weights_leaves_no_temp(tmp_path, monkeypatch):
 
 def test_damaged_json_is_one_line(tmp_path):
     from tfqat.cli import UserError
-    from tfqat.training import read_json_checked
+    from tfqat.checkpoints import read_json_checked
 
     path = tmp_path / "eval_fp.json"
     path.write_text('{"perplexity": 12.5, "blimp": {"overall"')

@@ -21,12 +21,13 @@ WORKER = textwrap.dedent('''
     import json, os, sys
     import numpy as np
     out, run_dir, kind = sys.argv[1], sys.argv[2], sys.argv[3]
-    from tfqat.training import make_strategy
+    from tfqat.distribute import make_strategy
     strategy = make_strategy(kind)  # first TF work of the process
     import tensorflow as tf
     from tfqat.config import ModelConfig, TrainConfig
     from tfqat.models import build_model
-    from tfqat.training import is_chief, lm_loss, seed_everything, train_loop
+    from tfqat.distribute import is_chief
+    from tfqat.training import lm_loss, seed_everything, train_loop
 
     mcfg = ModelConfig(vocab_size=64, hidden=16, layers=1, heads=2, kv_heads=1, ffn=32, max_positions=16)
     tcfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=1, log_every=1,
@@ -117,7 +118,7 @@ def test_unreachable_worker_is_one_line(tmp_path):
     ports = _free_ports(2)
     tfc = {"cluster": {"worker": [f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}"]},
            "task": {"type": "worker", "index": 0}}
-    code = ("import os; from tfqat.training import make_strategy, DistributeError\n"
+    code = ("import os; from tfqat.distribute import make_strategy, DistributeError\n"
             "try:\n    make_strategy('multiworker', wait_s=1.0)\n"
             "except DistributeError as e:\n    print('ERR', e); raise SystemExit(3)\n")
     p = subprocess.run([sys.executable, "-c", code], env=_env(tfc), capture_output=True, text=True, timeout=60)
@@ -132,7 +133,7 @@ def test_unreachable_worker_is_one_line(tmp_path):
     ('{"cluster": {"worker": ["nohostport"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
 ])
 def test_bad_tf_config(raw, msg, monkeypatch):
-    from tfqat.training import DistributeError, parse_tf_config
+    from tfqat.distribute import DistributeError, parse_tf_config
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     if raw is not None:

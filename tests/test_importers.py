@@ -424,7 +424,8 @@ def test_gguf_teacher_smooth_gptq_blockwise_qat_export_parity(tmp_path):
     from tfqat.config import load_config
     from tfqat.data import load_corpus, train_tokenizer
     from tfqat.evaluate import perplexity
-    from tfqat.quant.qat import load_student, logprob_fn
+    from tfqat.qat_stage import load_student
+    from tfqat.quant.qat import logprob_fn
     from tfqat.runtime import LiteModel
     from tfqat.train import main
 
@@ -464,7 +465,7 @@ def test_gguf_teacher_smooth_gptq_blockwise_qat_export_parity(tmp_path):
     (init[0] / "blockwise" / "progress.json").write_text(json.dumps(prog))
     teacher = pipeline.build_fp_model(cfg)
     teacher.load_weights(str(pipeline.teacher_path(cfg)))
-    from tfqat.quant.qat import _initial_student, resolve_recipe
+    from tfqat.qat_stage import _initial_student, resolve_recipe
 
     _, info2 = _initial_student(cfg, data, teacher, resolve_recipe(cfg), cfg.qat, progress=False)
     assert [b["block"] for b in info2["blockwise"]["blocks"]] == [0, 1]

@@ -17,8 +17,9 @@ import tensorflow as tf  # noqa: E402
 from tfqat.config import ConfigError, ModelConfig, QATLossConfig, load_config  # noqa: E402
 from tfqat.models import build_model, param_count  # noqa: E402
 from tfqat.quant import ActQuantizer, WeightQuantizer, select_token_bits  # noqa: E402
+from tfqat.qat_stage import load_student  # noqa: E402
 from tfqat.quant.qat import (  # noqa: E402
-    ACT_SLOTS, calibrate, load_student, model_size_bytes, qat_loss, quantize_model, quantizers,
+    ACT_SLOTS, calibrate, model_size_bytes, qat_loss, quantize_model, quantizers,
 )
 from tfqat.quant.recipes import RECIPES, RecipeError, get_recipe  # noqa: E402
 

@@ -145,7 +145,7 @@ def test_fp_training_resumes_from_checkpoint(tmp_path):
 def test_ablation_grid_rows(tmp_path, capsys):
     from tfqat.ablate import grid, main, row_qat_config
     from tfqat.config import load_config
-    from tfqat.quant.qat import resolve_recipe
+    from tfqat.qat_stage import resolve_recipe
 
     rows = grid()
     keys = [r.key for r in rows]

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher, fp_result = pipeline.fp_stage(cfg, data, progress)
         fp_eval = pipeline.cached_eval(cfg.run_dir / "eval_fp.json", pipeline.eval_fingerprint(cfg, data, "fp"),
                                        lambda: evaluate_model(keras_logprob_fn(teacher), data, cfg, progress))
-        from .quant.qat import qat_stage, stage_dir
+        from .qat_stage import qat_eval_row, qat_stage, stage_dir
 
         table = [{"group": "reference", "method": "FP", "recipe": "fp32", "perplexity": fp_eval["perplexity"],
                   "blimp": fp_eval["blimp"]["overall"], "size_mb": fp_result["params"] * 4 / 1e6}]
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             qat = row_qat_config(cfg, row)
             student, res = qat_stage(cfg, data, teacher, qat=qat, tag=f"abl-{row.key}", progress=progress)
             folder = stage_dir(cfg, student.recipe, f"abl-{row.key}")
-            out = pipeline.qat_eval_row(cfg, data, student, res, row.label, folder, progress)
+            out = qat_eval_row(cfg, data, student, res, row.label, folder, progress)
             table.append({**out, "group": row.group, "key": row.key, "losses": qat.losses.model_dump()})
             curves[row.key] = read_metrics(folder / "metrics.csv")
             results[row.key] = res

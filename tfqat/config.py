@@ -94,7 +94,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = 0
-    # tf.distribute strategy (tfqat.training.make_strategy): default = one device; mirrored = all
+    # tf.distribute strategy (tfqat.distribute.make_strategy): default = one device; mirrored = all
     # local GPUs; multiworker = MultiWorkerMirroredStrategy from TF_CONFIG. batch_size is the
     # GLOBAL batch (split over replicas) and lr is for that global batch: unchanged results.
     strategy: Literal["default", "mirrored", "multiworker"] = "default"

@@ -149,6 +149,33 @@ def evaluate_model(logprob_fn: LogprobFn, data, cfg, progress: bool = True) -> d
     return {"split": cfg.eval.split, **ppl, "blimp": blimp}
 
 
+def evaluate_checkpoint(cfg, checkpoint: str | None, output: str | None, progress: bool = True) -> dict:
+    """``python -m tfqat.evaluate``: score a saved FP model (default: the run's teacher).
+
+    Raises:
+        UserError: no checkpoint there, or one from another config (one line).
+    """
+    # here, not at the top: the metrics above need neither TensorFlow nor a run folder
+    from .atomic import write_json_atomic
+    from .cli import UserError
+    from .pipeline import build_fp_model, load_data, teacher_path
+
+    path = Path(checkpoint) if checkpoint else teacher_path(cfg)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; train first with python -m tfqat.train "
+                        f"--config {cfg.name} or pass --checkpoint")
+    data = load_data(cfg, progress)
+    model = build_fp_model(cfg)
+    try:
+        model.load_weights(str(path))
+    except Exception as e:  # keras raises several types for a mismatched file
+        raise UserError(f"{path}: cannot load into a {cfg.model.arch} model of this config "
+                        f"({type(e).__name__}); check --config") from None
+    result = evaluate_model(keras_logprob_fn(model), data, cfg, progress)
+    write_json_atomic(Path(output) if output else cfg.run_dir / "eval_fp.json", result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from .cli import add_common_args, die, load_cli_config
 
@@ -159,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="write the results JSON here (default: <run>/eval_fp.json)")
     args = ap.parse_args(argv)
     with die():
-        from .pipeline import evaluate_checkpoint
-
         cfg = load_cli_config(args)
         result = evaluate_checkpoint(cfg, args.checkpoint, args.output, progress=not args.quiet)
         b = result["blimp"]

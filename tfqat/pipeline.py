@@ -1,8 +1,10 @@
-"""The stages of a run, in data-flow order: data -> FP teacher -> (QAT) -> evaluation -> report.
+"""The stages of a run, in data-flow order: data -> FP teacher -> (quantized students:
+:mod:`tfqat.qat_stage`) -> evaluation -> report, and what every stage shares.
 
 Each stage writes into ``runs/<name>/<stage>/`` and is skipped when its final artefact exists
 for the same inputs (a fingerprint of the config sections it depends on), so the default job is
-resumable stage by stage and a cached teacher is reused.
+resumable stage by stage and a cached teacher is reused. Evaluations are cached the same way
+(:func:`cached_eval`).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def build_fp_model(cfg: RunConfig):
 def is_chief(cfg: RunConfig) -> bool:
     """True unless this process is a non-chief worker of a multi-worker run: those train, and leave
     checkpoints, results, evaluations and reports to the chief."""
-    from .training import is_chief as _is_chief, make_strategy
+    from .distribute import is_chief as _is_chief, make_strategy
 
     kinds = {cfg.train.strategy, cfg.qat.train.strategy} - {"default"}
     return all(_is_chief(make_strategy(k)) for k in kinds)
@@ -112,7 +114,8 @@ def is_chief(cfg: RunConfig) -> bool:
 def fp_stage(cfg: RunConfig, data, progress: bool = True) -> tuple[object, dict]:
     """Train (or reuse) the full-precision teacher. Returns (model, stage result dict)."""
     from .data import train_dataset
-    from .training import lm_loss, save_weights_atomic, seed_everything, train_loop
+    from .checkpoints import save_weights_atomic
+    from .training import lm_loss, seed_everything, train_loop
 
     if cfg.teacher.source != "train":
         return _imported_fp_stage(cfg, data)
@@ -158,7 +161,7 @@ def _imported_fp_stage(cfg: RunConfig, data) -> tuple[object, dict]:
     """The imported teacher, saved as ``fp/teacher.weights.h5`` like a trained one, so QAT, export
     and evaluation read it the same way (and a rerun skips the import's dequantization)."""
     from .importers import resolve_path
-    from .training import save_weights_atomic
+    from .checkpoints import save_weights_atomic
 
     stage = cfg.run_dir / "fp"
     src = resolve_path(cfg.teacher.path)
@@ -181,26 +184,6 @@ def _imported_fp_stage(cfg: RunConfig, data) -> tuple[object, dict]:
     return model, {**result, "reused": False}
 
 
-def evaluate_checkpoint(cfg: RunConfig, checkpoint: str | None, output: str | None, progress: bool = True) -> dict:
-    """``python -m tfqat.evaluate``: score a saved FP model (default: the run's teacher)."""
-    from .evaluate import evaluate_model, keras_logprob_fn
-
-    path = Path(checkpoint) if checkpoint else teacher_path(cfg)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}; train first with python -m tfqat.train "
-                        f"--config {cfg.name} or pass --checkpoint")
-    data = load_data(cfg, progress)
-    model = build_fp_model(cfg)
-    try:
-        model.load_weights(str(path))
-    except Exception as e:  # keras raises several types for a mismatched file
-        raise UserError(f"{path}: cannot load into a {cfg.model.arch} model of this config "
-                        f"({type(e).__name__}); check --config") from None
-    result = evaluate_model(keras_logprob_fn(model), data, cfg, progress)
-    write_json_atomic(Path(output) if output else cfg.run_dir / "eval_fp.json", result)
-    return result
-
-
 def cached_eval(path: Path, fp: str, evaluate) -> dict:
     """``evaluate()`` unless ``path`` holds a result for the same fingerprint (resumable rows)."""
     if path.is_file():
@@ -212,16 +195,6 @@ def cached_eval(path: Path, fp: str, evaluate) -> dict:
     return result
 
 
-def _recipe_dict(name) -> dict:
-    """A recipe's content (a YAML recipe can change under the same name)."""
-    from dataclasses import asdict
-
-    from .quant.recipes import get_recipe
-
-    recipe = get_recipe(name)
-    return recipe.to_dict() if hasattr(recipe, "to_dict") else asdict(recipe)
-
-
 def eval_fingerprint(cfg: RunConfig, data, *parts) -> str:
     return fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), config_to_dict(cfg.eval),
                        cfg.data.seq_len, data.key, *parts)
@@ -231,37 +204,3 @@ def result_row(method: str, recipe: str, ev: dict, size_bytes: int, **extra) -> 
     return {"method": method, "recipe": recipe, "perplexity": ev["perplexity"],
             "blimp": ev["blimp"]["overall"], "blimp_pairs": ev["blimp"]["pairs"], "size_mb": size_bytes / 1e6,
             **extra}
-
-
-def ptq_stage(cfg: RunConfig, data, teacher, progress: bool = True) -> list[dict]:
-    """RTN post-training quantization rows (``cfg.qat.ptq_recipes``): calibrate, evaluate."""
-    from .evaluate import evaluate_model
-    from .quant.qat import logprob_fn, model_size_bytes, rtn_student
-    from .quant.recipes import get_recipe
-
-    rows = []
-    for name in cfg.qat.ptq_recipes:
-        def run(name=name):
-            student = rtn_student(cfg, data, teacher, name)
-            return evaluate_model(logprob_fn(student), data, cfg, progress)
-
-        fp = eval_fingerprint(cfg, data, "rtn", name, _recipe_dict(name), cfg.qat.calib_batches,
-                              cfg.qat.train.batch_size, cfg.qat.train.seed,
-                              *([] if cfg.qat.act_calibration == "lsq" else [cfg.qat.act_calibration]))
-        ev = cached_eval(cfg.run_dir / "rtn" / f"eval_{name}.json", fp, run)
-        r = get_recipe(name)
-        method = "RTN" if r.weight_init == "rtn" and r.smooth is None else "PTQ"
-        rows.append(result_row(method, name, ev, model_size_bytes(cfg.model, name)["total"]))
-    return rows
-
-
-def qat_eval_row(cfg: RunConfig, data, student, stage_result: dict, method: str, stage_dir: Path,
-                 progress: bool = True) -> dict:
-    """Evaluate a QAT student (cached in its stage folder) and return its report row."""
-    from .evaluate import evaluate_model
-    from .quant.qat import logprob_fn, model_size_bytes
-
-    fp = eval_fingerprint(cfg, data, "qat", json.loads((stage_dir / "fingerprint.json").read_text()))
-    ev = cached_eval(stage_dir / "eval.json", fp, lambda: evaluate_model(logprob_fn(student), data, cfg, progress))
-    return result_row(method, student.recipe.name, ev, model_size_bytes(cfg.model, student.recipe)["total"],
-                      steps=stage_result["steps"], tokens_seen=stage_result["tokens_seen"])

@@ -70,7 +70,7 @@ def exported_prefill(cfg, data, teacher, stage, specs, out: Path, progress: bool
     from .agile.prune_export import time_exported_prefill
     from .atomic import write_json_atomic
     from .export import export_models
-    from .quant.qat import load_student
+    from .qat_stage import load_student
 
     student = load_student(cfg, stage)
     w = stage / "student.weights.h5"
@@ -247,7 +247,8 @@ def main(argv=None) -> int:
         from .agile.pruning import parse_schedule, prefill_cost, prefill_tokens, pruned_perplexity, time_prefill
         from .agile.trip import fold_student
         from .evaluate import evaluate_model, keras_logprob_fn
-        from .quant.qat import calibration_batches, load_student, logprob_fn, model_size_bytes, rtn_student
+        from .qat_stage import calibration_batches, load_student, rtn_student
+        from .quant.qat import logprob_fn, model_size_bytes
         from .report import write_report
 
         t0 = time.perf_counter()

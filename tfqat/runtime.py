@@ -10,8 +10,8 @@ The delegate library is ``$TFQAT_OPS_LIB`` or ``tfqat/_lib/libtfqat_ops.so`` (bu
 ``pip install -e .``). XNNPACK runs the builtin ops, our delegate the TFQAT_* ones.
 
 The KV cache lives in the decode signature's own input buffers: prefill's rows are copied in
-once, and each decode step writes its one new row per layer in place (see tfqat/export.py for
-the cache format). Problems a user can fix raise :class:`RuntimeError_` subclasses with one line.
+once, and each decode step writes its one new row per layer in place (see tfqat/export/kv_cache.py
+for the cache format). Problems a user can fix raise :class:`RuntimeError_` subclasses with one line.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from .tflite_schema import is_tflite, op_name
 
 LIB_ENV = "TFQAT_OPS_LIB"
 
@@ -56,19 +58,14 @@ def model_ops(data: bytes) -> list:
     """
     from ai_edge_litert import schema_py_generated as schema
 
-    if len(data) < 8 or data[4:8] != b"TFL3":
+    if not is_tflite(data):
         raise TfqatRuntimeError("not a TFLite model (file identifier TFL3 missing)")
     try:
         m = schema.Model.GetRootAs(data, 0)
-        names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
         out = []
         for i in range(m.OperatorCodesLength()):
             oc = m.OperatorCodes(i)
-            b = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
-            if b == schema.BuiltinOperator.CUSTOM:
-                out.append((oc.CustomCode() or b"").decode())
-            else:
-                out.append(names.get(b, str(b)))
+            out.append(op_name(oc.BuiltinCode(), oc.DeprecatedBuiltinCode(), oc.CustomCode()))
         # touch the last buffer: a truncated file fails here rather than inside the interpreter
         if m.BuffersLength():
             m.Buffers(m.BuffersLength() - 1).DataLength()
@@ -86,7 +83,7 @@ def model_signatures(data: bytes) -> list:
     """
     from ai_edge_litert import schema_py_generated as schema
 
-    if len(data) < 8 or data[4:8] != b"TFL3":
+    if not is_tflite(data):
         raise TfqatRuntimeError("not a TFLite model (file identifier TFL3 missing)")
     try:
         m = schema.Model.GetRootAs(data, 0)

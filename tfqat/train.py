@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher, fp_result = pipeline.fp_stage(cfg, data, progress)
         if not chief:  # a non-chief worker trains, and leaves evaluation and reports to the chief
             if args.stage == "all":
-                from .quant.qat import qat_stage
+                from .qat_stage import qat_stage
 
                 qat_stage(cfg, data, teacher, progress=False)
             print("worker: training done; the chief evaluates and writes the report")
@@ -97,17 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         extra: dict = {"fp": fp_result, "fp_eval": fp_eval}
         sections = {}
         if args.stage == "all":
-            from .quant.qat import qat_stage, resolve_recipe, stage_dir
+            from .qat_stage import ptq_stage, qat_eval_row, qat_stage, resolve_recipe, stage_dir
 
-            rows += pipeline.ptq_stage(cfg, data, teacher, progress)
+            rows += ptq_stage(cfg, data, teacher, progress)
             t = lap("rtn_calibrate_eval", t)
             recipe = resolve_recipe(cfg)
             student, qat_result = qat_stage(cfg, data, teacher, progress=progress)
             print(f"QAT {recipe.name}: {qat_result['steps']} steps, {qat_result['tokens_per_s']:,.0f} tokens/s, "
                   f"{qat_result['wall_s']:.0f} s{' (reused)' if qat_result['reused'] else ''}")
             t = lap("qat_train", t)
-            rows.append(pipeline.qat_eval_row(cfg, data, student, qat_result, "QAT (full method)",
-                                              stage_dir(cfg, recipe), progress))
+            rows.append(qat_eval_row(cfg, data, student, qat_result, "QAT (full method)",
+                                     stage_dir(cfg, recipe), progress))
             t = lap("qat_eval", t)
             qat_rows = read_metrics(stage_dir(cfg, recipe) / "metrics.csv")
             curves[f"QAT {recipe.name}: student CE (comparable with FP)"] = [

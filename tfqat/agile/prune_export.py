@@ -1,9 +1,9 @@
 """Activation-aware token pruning in the exported prefill (Agile-Quant, METHOD.md sec. 5).
 
-:func:`build_pruned_module` wraps :func:`tfqat.export.build_module`'s layers (no copy of the
-layer code): after block l's residual add the prefill drops ``drops[l]`` tokens with the least
+:class:`PrunedInferenceModule` runs :class:`tfqat.export.graph.InferenceModule`'s layers (no copy
+of the layer code): after block l's residual add the prefill drops ``drops[l]`` tokens with the least
 importance (attention to token 0 summed over heads, from block l's own probabilities: the same
-``importance`` the token-adaptive bit selection uses, read from the module), never token 0 and
+``importance`` the token-adaptive bit selection uses, returned by the layer), never token 0 and
 never the last token (whose logits generation needs). Kept tokens keep their order and their
 original RoPE positions, exactly as :func:`tfqat.agile.pruning.forward_pruned` does in Keras.
 
@@ -36,8 +36,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from tfqat.agile.pruning import drop_counts, parse_schedule
+from tfqat.export.graph import InferenceModule, convert
+from tfqat.export.spec import ExportError, ModelSpec
 
 
 def prune_table(ratios: list[float], max_positions: int) -> np.ndarray:
@@ -45,33 +48,22 @@ def prune_table(ratios: list[float], max_positions: int) -> np.ndarray:
     return np.array([drop_counts(ratios, max(t - 2, 0)) for t in range(max_positions + 1)], np.int32)
 
 
-def _export_module(spec):
-    """The module ``spec`` comes from: ``tfqat.export``, or ``__main__`` under ``python -m
-    tfqat.export`` (its classes differ from the importable module's)."""
-    import sys
-
-    return sys.modules[type(spec).__module__]
-
-
-def check_schedule(spec, layers: int, error=None) -> list[float]:
-    """:func:`parse_schedule` with a one-line ``error`` (default :class:`tfqat.export.ExportError`)."""
-    if error is None:
-        from tfqat.export import ExportError as error
-    ExportError = error
-
+def check_schedule(spec, layers: int, error=ExportError) -> list[float]:
+    """:func:`parse_schedule` with a one-line ``error`` (:class:`~tfqat.export.spec.ExportError`,
+    or e.g. the CLI's ``UserError``)."""
     if isinstance(spec, str) and "," in spec and len(spec.split(",")) > layers:
-        raise ExportError(f"prune schedule {spec!r}: {len(spec.split(','))} entries for {layers} layers")
+        raise error(f"prune schedule {spec!r}: {len(spec.split(','))} entries for {layers} layers")
     try:
         ratios = parse_schedule(spec, layers)
     except ValueError as e:
         if str(e).startswith("prune schedule"):
-            raise ExportError(str(e)) from None
-        raise ExportError(f"prune schedule {spec!r}: use 'progressive:R' or per-layer fractions "
-                          f"'r0,r1,...' (at most {layers})") from None
+            raise error(str(e)) from None
+        raise error(f"prune schedule {spec!r}: use 'progressive:R' or per-layer fractions "
+                    f"'r0,r1,...' (at most {layers})") from None
     return ratios
 
 
-def _select_keep(tf, importance, prunable, n_drop):
+def _select_keep(importance, prunable, n_drop):
     """Ascending indices of the kept tokens (TOPK_V2 + SCATTER_ND + WHERE)."""
     t = tf.shape(importance)[0]
     score = tf.where(prunable, importance, tf.constant(np.inf, tf.float32))
@@ -80,95 +72,78 @@ def _select_keep(tf, importance, prunable, n_drop):
     return tf.cast(tf.reshape(tf.where(mask > 0), [-1]), tf.int32)
 
 
-def build_pruned_module(spec, ratios: list[float]):
-    """The export module of ``spec`` with pruned ``prefill`` and ``kv_len``-aware ``decode``."""
-    import tensorflow as tf
+class PrunedInferenceModule(InferenceModule):
+    """:class:`~tfqat.export.graph.InferenceModule` with a pruned ``prefill`` and a
+    ``kv_len``-aware ``decode`` (see the module docstring); the layers are the export's own."""
 
-    exp = _export_module(spec)
-    build_module, decode_cache_specs = exp.build_module, exp.decode_cache_specs
-    cfg = spec.cfg
-    L = cfg.layers
-    if len(ratios) != L:
-        raise ValueError(f"{len(ratios)} ratios for {L} layers")
-    module = build_module(spec)
-    q_spec = spec.quantized
-    adaptive = q_spec and spec.rho is not None
-    table = tf.constant(prune_table(ratios, cfg.max_positions))
+    def __init__(self, spec: ModelSpec, ratios: list[float]):
+        if len(ratios) != spec.cfg.layers:
+            raise ValueError(f"{len(ratios)} ratios for {spec.cfg.layers} layers")
+        super().__init__(spec)
+        self.ratios = tuple(ratios)
+        self.table = tf.constant(prune_table(ratios, spec.cfg.max_positions))
 
-    def layer(i, x, positions, bits, cache, thresholds):
-        if q_spec:
-            return module._quant_layer(i, x, positions, bits, cache, thresholds)
-        x, rows = module._float_layer(i, x, positions, cache)
-        return x, rows, None, None
+    def _decode_inputs(self) -> list:
+        base = super()._decode_inputs()  # token, position, caches...
+        return base[:2] + [tf.TensorSpec([self.spec.cfg.layers], tf.int32, name="kv_len")] + base[2:]
 
-    def prefill(tokens):
+    def _prefill(self, tokens):
         t = tf.shape(tokens)[0]
         pos = tf.range(t)
-        x = module._embed(tokens, pos)
-        drops = tf.gather(table, t)  # [L]
+        x = self._embed(tokens, pos)
+        drops = tf.gather(self.table, t)  # [L]
         prunable = tf.logical_and(pos > 0, pos < t - 1)
-        bits = tf.fill([t], tf.constant(8, tf.int32)) if adaptive else None
+        bits = tf.fill([t], tf.constant(8, tf.int32)) if self.adaptive else None
         outs, thrs, lens = {}, [], []
-        for i in range(L):
-            x, rows, own, thr = layer(i, x, pos, bits, None, None)
+        for i, layer in enumerate(self.layers):
+            out = layer(x, pos, bits)
+            x = out.x
             lens.append(tf.shape(x)[0])
-            if adaptive:
-                bits = own
-                thrs.append(thr)
-            for key, val in rows.items():
+            if self.adaptive:
+                bits = out.bits
+                thrs.append(out.threshold)
+            for key, val in out.rows.items():
                 outs[f"{key}_{i}"] = val
-            if ratios[i] > 0:
-                keep = _select_keep(tf, module.last_importance, prunable, drops[i])
+            if self.ratios[i] > 0:
+                keep = _select_keep(out.importance, prunable, drops[i])
                 x, pos, prunable = tf.gather(x, keep), tf.gather(pos, keep), tf.gather(prunable, keep)
                 if bits is not None:
                     bits = tf.gather(bits, keep)
-        outs["logits"] = module._logits(x)
+        outs["logits"] = self._logits(x)
         outs["logit_positions"] = pos
         outs["kv_len"] = tf.stack(lens)
         if thrs:
             outs["thresholds"] = tf.stack(thrs)
         return outs
 
-    cache_specs = decode_cache_specs(spec)
-    names = ["token", "position", "kv_len"] + [n for n, _, _ in cache_specs]
-
-    def decode(*args):
-        feeds = dict(zip(names, args))
+    def _decode(self, *args):
+        feeds = dict(zip(self._decode_names, args))
         true_pos = feeds["position"]
-        x = module._embed(feeds["token"], true_pos)
-        bits = tf.fill([1], tf.constant(8, tf.int32)) if adaptive else None
+        x = self._embed(feeds["token"], true_pos)
+        bits = tf.fill([1], tf.constant(8, tf.int32)) if self.adaptive else None
         outs = {}
-        rope = module._rope
-        # The layer code takes one ``positions`` for the cache row and RoPE; give it the row
-        # (kv_len[l]) and rotate at the true position.
-        object.__setattr__(module, "_rope", lambda v, _p: rope(v, true_pos))
-        try:
-            for i in range(L):
-                keys = ("k", "v") if not q_spec else ("k", "ks", "v", "vb")
-                cache = {k: feeds[f"{k}_cache_{i}"] for k in keys}
-                slot = feeds["kv_len"][i: i + 1]
-                x, rows, own, _ = layer(i, x, slot, bits, cache, feeds.get("thresholds"))
-                if adaptive:
-                    bits = own
-                for key, val in rows.items():
-                    outs[f"{key}_{i}"] = val
-        finally:
-            object.__delattr__(module, "_rope")
-        outs["logits"] = module._logits(x)
+        for i, layer in enumerate(self.layers):
+            cache = self._layer_cache(feeds, i)
+            slot = feeds["kv_len"][i: i + 1]
+            # the new row goes to cache row kv_len[i], RoPE at the token's true position
+            out = layer(x, slot, bits, cache, feeds.get("thresholds"), rope_positions=true_pos)
+            x = out.x
+            if self.adaptive:
+                bits = out.bits
+            for key, val in out.rows.items():
+                outs[f"{key}_{i}"] = val
+        outs["logits"] = self._logits(x)
         return outs
 
-    module.prefill = tf.function(prefill, input_signature=[tf.TensorSpec([None], tf.int32, name="tokens")])
-    module.decode = tf.function(decode, input_signature=[
-        tf.TensorSpec([1], tf.int32, name="token"), tf.TensorSpec([1], tf.int32, name="position"),
-        tf.TensorSpec([L], tf.int32, name="kv_len"),
-    ] + [tf.TensorSpec(shape, dtype, name=n) for n, shape, dtype in cache_specs])
-    return module
+
+def build_pruned_module(spec: ModelSpec, ratios: list[float]) -> PrunedInferenceModule:
+    """The export module of ``spec`` with pruned ``prefill`` and ``kv_len``-aware ``decode``."""
+    return PrunedInferenceModule(spec, ratios)
 
 
-def convert_pruned(spec, ratios: list[float]) -> bytes:
-    """The .tflite bytes of ``spec`` with a pruned prefill (as :func:`tfqat.export.convert`)."""
-    export = _export_module(spec)
-    return export.convert(spec, build_pruned_module(spec, ratios), " (pruned prefill)")
+def convert_pruned(spec: ModelSpec, ratios: list[float]) -> bytes:
+    """The .tflite bytes of ``spec`` with a pruned prefill (as :func:`tfqat.export.graph.convert`)."""
+    return convert(spec, build_pruned_module(spec, ratios), " (pruned prefill)")
 
 
 def interpreter(path, lib: str | None = None, num_threads: int = 1):

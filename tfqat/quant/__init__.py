@@ -11,16 +11,15 @@ import importlib
 
 _EXPORTS = {
     "tfqat.quant.losses": ("distillation_loss", "distribution_loss", "entropy_loss"),
-    "tfqat.quant.quantizers": (
-        "ActQuantizer", "ActQuantSpec", "WeightQuantizer", "WeightQuantSpec", "fake_quant", "qrange",
-    ),
+    "tfqat.quant.quantizers": ("ActQuantizer", "WeightQuantizer", "fake_quant", "qrange"),
+    "tfqat.quant.specs": ("ActQuantSpec", "WeightQuantSpec"),
     "tfqat.quant.token_bits": (
         "decode_rule_token_bits", "prefill_threshold", "select_token_bits", "threshold_token_bits",
     ),
     "tfqat.quant.recipes": ("RECIPES", "Recipe", "RecipeError", "get_recipe", "register_recipe"),
     "tfqat.quant.qat": (
-        "calibrate", "load_student", "make_token_bits", "model_size_bytes", "qat_loss", "qat_stage",
-        "quantize_model", "quantizers",
+        "calibrate", "logprob_fn", "make_token_bits", "model_size_bytes", "qat_loss", "quantize_model",
+        "quantizers",
     ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -1,9 +1,10 @@
-"""``quantize_model(model, recipe)``: the Keras 3 QAT entry point, plus RTN, size, loss and stage.
+"""``quantize_model(model, recipe)``: the Keras 3 QAT entry point, plus RTN, size and loss.
 
 Two steps, torchao style: :func:`quantize_model` *prepares* a student (a new model of the same
 config, the teacher's weights copied, a quantizer in every slot the recipe names), then either
 :func:`calibrate` alone (RTN post-training quantization: every scale set from a few batches, no
-training) or :func:`qat_stage` (calibrate, then train with :func:`qat_loss`).
+training) or calibrate and then train with :func:`qat_loss` (a run's QAT stage,
+:func:`tfqat.qat_stage.qat_stage`).
 
 Slots are filled by name through :data:`ACT_SLOTS` / :func:`weight_quantizer_for`, never by
 ``isinstance``: a block's ``linears()`` all take a weight quantizer, and each of its
@@ -21,10 +22,7 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 import keras
@@ -325,199 +323,3 @@ def logprob_fn(student: keras.Model):
         return -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
 
     return lambda x, y: fn(tf.constant(x, tf.int32), tf.constant(y, tf.int32)).numpy()
-
-
-# -- stages ----------------------------------------------------------------------------------
-
-
-def stage_dir(cfg, recipe: Recipe, tag: Optional[str] = None) -> Path:
-    return cfg.run_dir / f"qat-{tag or recipe.name}"
-
-
-def calibration_batches(cfg, data, n: Optional[int] = None) -> list:
-    """``n`` training batches at steps past the FP run's, so calibration sees fresh windows."""
-    from tfqat.data import train_dataset
-
-    n = n or cfg.qat.calib_batches
-    q = cfg.qat.train
-    ds = train_dataset(data.ids["train"], cfg.data.seq_len, q.batch_size, q.seed + 7919, 0, n)
-    return [x for x, _ in ds]
-
-
-def resolve_recipe(cfg, recipe: Optional[RecipeLike] = None) -> Recipe:
-    r = get_recipe(recipe if recipe is not None else cfg.qat.recipe)
-    if recipe is None and cfg.qat.rho is not None and cfg.qat.rho != r.rho:
-        r = r.with_rho(cfg.qat.rho)
-    return r
-
-
-def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = None, qat=None,
-              tag: Optional[str] = None, progress: bool = True) -> tuple[keras.Model, dict]:
-    """Calibrate and quantization-aware train a student; resumable, reused when done.
-
-    Writes ``runs/<name>/qat-<tag or recipe>/``: ``ckpt/``, ``metrics.csv``, ``tensorboard/``,
-    ``student.weights.h5``, ``recipe.json`` and ``result.json``.
-
-    Args:
-        recipe: default ``cfg.qat.recipe`` (with ``cfg.qat.rho``).
-        qat: a :class:`~tfqat.config.QATConfig` overriding ``cfg.qat`` (ablation rows).
-    """
-    from tfqat.config import config_to_dict
-    from tfqat.data import train_dataset
-    from tfqat.pipeline import (
-        _claim_stage_dir, fingerprint, teacher_path, write_json_atomic,
-    )
-    from tfqat.training import save_weights_atomic, seed_everything, train_loop
-
-    qat = qat or cfg.qat
-    recipe = resolve_recipe(cfg.model_copy(update={"qat": qat}), recipe)
-    stage = stage_dir(cfg, recipe, tag)
-    fp = fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), cfg.data.seq_len, data.key,
-                     config_to_dict(qat), recipe.to_dict())
-    _claim_stage_dir(stage, fp, "QAT student")
-    result_path, weights = stage / "result.json", stage / "student.weights.h5"
-    seed_everything(qat.train.seed)
-    if weights.is_file() and result_path.is_file():
-        student = quantize_model(teacher, recipe)
-        student.load_weights(str(weights))
-        return student, {**json.loads(result_path.read_text()), "reused": True}
-    init_path, init_info = _initial_student(cfg, data, teacher, recipe, qat, progress)
-    t = qat.train
-    if t.steps == 0:  # post-training only: the calibrated (and block-wise reconstructed) student
-        student = quantize_model(teacher, recipe)
-        student.load_weights(str(init_path))
-        save_weights_atomic(student, weights)
-        write_json_atomic(stage / "recipe.json", recipe.to_dict())
-        result = {"recipe": recipe.name, "steps": 0, "final_loss": None, "tokens_per_s": 0.0,
-                  "wall_s": init_info["wall_s"], "resumed_from": None, "tokens_seen": 0,
-                  "teacher": str(teacher_path(cfg)), **init_info}
-        write_json_atomic(result_path, result)
-        return student, {**result, "reused": False}
-    teachers = [teacher]
-    for path in qat.losses.extra_teachers:
-        from tfqat.models import build_model
-
-        extra = build_model(cfg.model, name=f"teacher_{len(teachers)}")
-        extra.load_weights(path)
-        teachers.append(extra)
-
-    def build():  # under the strategy's scope (train_loop calls it there); teachers stay outside, frozen
-        seed_everything(qat.train.seed)
-        student = quantize_model(teacher, recipe)
-        student.load_weights(str(init_path))
-        return student, qat_loss(student, teachers, qat.losses)
-
-    res = train_loop(
-        stage, build, None,
-        lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
-        t, t.steps, t.batch_size * cfg.data.seq_len, desc=f"QAT {recipe.name}", progress=progress,
-    )
-    student = res.model
-    from tfqat.pipeline import is_chief
-
-    if not is_chief(cfg.model_copy(update={"qat": qat})):
-        return student, {"recipe": recipe.name, "steps": res.steps, "reused": False, "chief": False}
-    save_weights_atomic(student, weights)
-    write_json_atomic(stage / "recipe.json", recipe.to_dict())
-    result = {"recipe": recipe.name, "steps": res.steps, "final_loss": res.final_loss,
-              "tokens_per_s": res.tokens_per_s, "wall_s": res.wall_s + init_info["wall_s"], **init_info,
-              "resumed_from": res.resumed_from, "tokens_seen": res.steps * t.batch_size * cfg.data.seq_len,
-              "teacher": str(teacher_path(cfg))}
-    write_json_atomic(result_path, result)
-    return student, {**result, "reused": False}
-
-
-def _initial_student(cfg, data, teacher: keras.Model, recipe: Recipe, qat, progress: bool) -> tuple[Path, dict]:
-    """The student QAT starts from, written once to ``runs/<name>/init-<recipe>-<hash>/init.weights.h5``:
-    calibrated (SmoothQuant, GPTQ / MSE weights, activation scales) and, with
-    ``qat.blockwise.steps_per_block``, block-wise reconstructed. Shared by every QAT stage with the
-    same recipe and initialisation settings (an ablation's rows start from one init). Each part is a
-    resume point (``calibrated.weights.h5``, ``blockwise.weights.h5`` + ``blockwise/progress.json``),
-    so a kill costs at most one block. Returns the path and
-    ``{"calib_s", "blockwise_s", "wall_s", "blockwise"}``."""
-    from tfqat.config import config_to_dict
-    from tfqat.data import train_dataset
-    from tfqat.pipeline import _claim_stage_dir, fingerprint, write_json_atomic
-    from tfqat.training import save_weights_atomic
-
-    # calibration batches and block-wise sequences come from cfg (not the row's qat): rows that
-    # differ only in their end-to-end training share this init
-    fp = fingerprint(config_to_dict(cfg.model), cfg.data.seq_len, data.key, recipe.to_dict(), qat.calib_batches,
-                     qat.act_calibration, config_to_dict(qat.blockwise), cfg.qat.train.seed,
-                     cfg.qat.train.batch_size)
-    stage = cfg.run_dir / f"init-{recipe.name}-{fp[:8]}"
-    _claim_stage_dir(stage, fp, "calibrated student")
-    init, info_path = stage / "init.weights.h5", stage / "init.json"
-    if init.is_file() and info_path.is_file():
-        return init, json.loads(info_path.read_text())
-    stage.mkdir(parents=True, exist_ok=True)
-    student = quantize_model(teacher, recipe)
-    calibrated, calib_info = stage / "calibrated.weights.h5", stage / "calibrated.json"
-    if calibrated.is_file() and calib_info.is_file():
-        student.load_weights(str(calibrated))
-        calib_s = json.loads(calib_info.read_text())["calib_s"]
-    else:
-        t0 = time.perf_counter()
-        calibrate(student, calibration_batches(cfg, data, qat.calib_batches), act_init=qat.act_calibration,
-                  progress=progress)
-        calib_s = time.perf_counter() - t0
-        save_weights_atomic(student, calibrated)
-        write_json_atomic(calib_info, {"calib_s": calib_s})
-    info = {"calib_s": calib_s, "blockwise_s": 0.0, "blockwise": None}
-    bw = qat.blockwise
-    if bw.steps_per_block:
-        from tfqat.blockwise import reconstruct
-
-        bw_weights = stage / "blockwise.weights.h5"
-        if bw_weights.is_file():
-            student.load_weights(str(bw_weights))
-        tokens = next(iter(train_dataset(data.ids["train"], cfg.data.seq_len, bw.sequences,
-                                         cfg.qat.train.seed + 104729, 0, 1)))[0].numpy()
-        state = reconstruct(student, teacher, tokens, stage / "blockwise", bw.steps_per_block, bw.batch_size,
-                            bw.lr, bw.scale_lr, cfg.qat.train.seed, progress=progress,
-                            save=lambda m: save_weights_atomic(m, bw_weights))
-        info["blockwise_s"] = state["wall_s"]
-        info["blockwise"] = {"blocks": state["blocks"], "sequences": bw.sequences,
-                             "steps_per_block": bw.steps_per_block}
-    info["wall_s"] = info["calib_s"] + info["blockwise_s"]
-    save_weights_atomic(student, init)
-    write_json_atomic(info_path, info)
-    return init, info
-
-
-def rtn_student(cfg, data, teacher: keras.Model, recipe: RecipeLike) -> keras.Model:
-    """Post-training quantization: quantize and calibrate (SmoothQuant / GPTQ when the recipe
-    says so), no training. Expensive calibrations (GPTQ) are cached in the shared init stage."""
-    recipe = get_recipe(recipe)
-    if recipe.weight_init == "gptq" or recipe.smooth is not None:
-        qat = cfg.qat.model_copy(update={"blockwise": cfg.qat.blockwise.model_copy(update={"steps_per_block": 0})})
-        path, _ = _initial_student(cfg, data, teacher, recipe, qat, progress=False)
-        student = quantize_model(teacher, recipe, name="rtn")
-        student.load_weights(str(path))
-        return student
-    student = quantize_model(teacher, recipe, name="rtn")
-    calibrate(student, calibration_batches(cfg, data), act_init=cfg.qat.act_calibration)
-    return student
-
-
-def load_student(cfg, path: Union[str, Path]) -> keras.Model:
-    """Rebuild a trained student from its stage folder (or a run folder: ``qat-<cfg recipe>``).
-
-    Returns a model with ``.recipe`` and ``.token_bits``, weights and scales loaded.
-
-    Raises:
-        FileNotFoundError: no ``student.weights.h5`` / ``recipe.json`` there.
-    """
-    from tfqat.models import build_model
-
-    path = Path(path)
-    if not (path / "recipe.json").is_file() and (path / f"qat-{resolve_recipe(cfg).name}").is_dir():
-        path = path / f"qat-{resolve_recipe(cfg).name}"
-    rfile, wfile = path / "recipe.json", path / "student.weights.h5"
-    if not rfile.is_file() or not wfile.is_file():
-        raise FileNotFoundError(f"{path}: no trained student (recipe.json + student.weights.h5); "
-                                "run python -m tfqat.train first")
-    recipe = get_recipe(json.loads(rfile.read_text()))
-    student = quantize_model(build_model(cfg.model, name="teacher"), recipe)
-    student.load_weights(str(wfile))
-    return student

@@ -186,6 +186,11 @@ def test_train_cli_two_workers_qat_match_one(tmp_path, procs):
                 assert (mw[k] == one[k]).all(), (rel, k)
                 continue
             tol = 1e-2 * float(np.abs(one[k]).max()) + 1e-6
+            if "quantizer" in k:
+                # an activation scale of ~6e-4 moves by up to lr = 2.5e-4 per Adam step whatever its
+                # gradient's size, so all-reduce order in a near-zero gradient shows up amplified;
+                # the students' perplexities (below) must still agree to 1e-3
+                tol = 3 * tol
             assert np.abs(mw[k] - one[k]).max() <= tol, (rel, k, np.abs(mw[k] - one[k]).max(), tol)
     mw_rows = json.loads((runs / "mw" / "report.json").read_text())["rows"]
     one_rows = json.loads((runs / "one" / "report.json").read_text())["rows"]

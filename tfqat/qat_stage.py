@@ -120,7 +120,8 @@ def _initial_student(cfg, data, teacher: keras.Model, recipe: Recipe, qat, progr
     calibrated (SmoothQuant, GPTQ / MSE weights, activation scales) and, with
     ``qat.blockwise.steps_per_block``, block-wise reconstructed. Shared by every QAT stage with the
     same recipe and initialisation settings (an ablation's rows start from one init). Each part is a
-    resume point (``calibrated.weights.h5``, ``blockwise.weights.h5`` + ``blockwise/progress.json``),
+    resume point (``calib-<recipe>-<hash>/calibrated.weights.h5``, shared by block-wise and
+    post-training inits; ``blockwise.weights.h5`` + ``blockwise/progress.json``),
     so a kill costs at most one block. Returns the path and
     ``{"calib_s", "blockwise_s", "wall_s", "blockwise"}``."""
     # calibration batches and block-wise sequences come from cfg (not the row's qat): rows that
@@ -135,7 +136,12 @@ def _initial_student(cfg, data, teacher: keras.Model, recipe: Recipe, qat, progr
         return init, json.loads(info_path.read_text())
     stage.mkdir(parents=True, exist_ok=True)
     student = quantize_model(teacher, recipe)
-    calibrated, calib_info = stage / "calibrated.weights.h5", stage / "calibrated.json"
+    # the calibration (GPTQ: minutes) is shared by every init of the recipe, block-wise or not
+    cfp = fingerprint(config_to_dict(cfg.model), cfg.data.seq_len, data.key, recipe.to_dict(), qat.calib_batches,
+                      qat.act_calibration, cfg.qat.train.seed, cfg.qat.train.batch_size)
+    calib_dir = cfg.run_dir / f"calib-{recipe.name}-{cfp[:8]}"
+    _claim_stage_dir(calib_dir, cfp, "calibration")
+    calibrated, calib_info = calib_dir / "calibrated.weights.h5", calib_dir / "calibrated.json"
     if calibrated.is_file() and calib_info.is_file():
         student.load_weights(str(calibrated))
         calib_s = json.loads(calib_info.read_text())["calib_s"]

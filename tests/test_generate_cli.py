@@ -70,10 +70,10 @@ def test_ctrl_c_in_process_keeps_the_stream(exported, lib_env, monkeypatch, caps
     """KeyboardInterrupt raised after three tokens: those stay printed, the line ends, exit 130."""
     from tfqat.runtime import LiteModel
 
-    real = LiteModel.generate
-
-    def interrupted(self, *a, **k):
-        for i, t in enumerate(real(self, *a, **k)):
+    def interrupted(self, prompt, *a, **k):
+        # fixed ordinary tokens (the prompt's own), not the micro model's sampled ones: a model built
+        # after other tests drew from TF's RNG may emit <|endoftext|> first and end before Ctrl-C
+        for i, t in enumerate(list(prompt)[:3] + [prompt[0]]):
             if i == 3:
                 raise KeyboardInterrupt
             yield t

@@ -104,8 +104,11 @@ sys.exit(main(sys.argv[1:]))
 
 def test_sigint_while_streaming_exits_130_without_traceback(exported):
     env = {**os.environ, "TFQAT_OPS_LIB": exported["lib"], "PYTHONUNBUFFERED": "1"}
+    # A non-interactive CI shell starts background jobs with SIGINT ignored, which the child would
+    # inherit (Python then installs no KeyboardInterrupt handler): give the child the default back.
     p = subprocess.Popen([PY, "-c", SLOW_CHILD, *_gen_args(exported, "--max-new-tokens", "90")], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         got = b""
         deadline = time.monotonic() + 120

@@ -188,16 +188,14 @@ def gptq_student(student, batches, act_order: bool = True, chunk: int = 8, progr
                 grouped = wq.spec.granularity == "group"
                 k_hat, _, s = gptq(k, h, wq.spec.bits, wq.spec.group_size if grouped else None, act_order,
                                    return_scales=True, static_groups=grouped)
+                s_full = np.repeat(s, wq.spec.group_size or k.shape[0], axis=1)[:, :k.shape[0]]  # (out, in)
+                codes = np.clip(np.round(k_hat.astype(np.float64).T / s_full), wq.qmin, wq.qmax)
+                layer.kernel.assign((codes.astype(np.float32) * s_full.astype(np.float32)).T)
                 s32 = s.astype(np.float32)
-                codes = np.clip(np.round(k_hat.astype(np.float64).T / np.repeat(s, wq.spec.group_size or k.shape[0],
-                                                                                axis=1)[:, :k.shape[0]]),
-                                wq.qmin, wq.qmax)
-                ws = np.repeat(s32, wq.spec.group_size or k.shape[0], axis=1)[:, :k.shape[0]]  # (out, in)
-                layer.kernel.assign((codes.astype(np.float32) * ws).T)
                 wq.scale.assign(s32.T if grouped else s32[:, 0])
                 wq.initialized.assign(True)
-                d = k.astype(np.float64) - layer.kernel.numpy().astype(np.float64)
                 k64 = k.astype(np.float64)
+                d = k64 - layer.kernel.numpy().astype(np.float64)
                 errors[f"{block.name}/{n}"] = float((d * (h @ d)).sum() / max((k64 * (h @ k64)).sum(), 1e-30))
         out = [block(hc, bits=bc, token_bits=student.token_bits, training=False) for hc, bc in zip(hidden, bits)]
         hidden = [o[0] for o in out]

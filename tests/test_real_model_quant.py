@@ -239,6 +239,44 @@ def test_blockwise_reconstruction_lowers_each_block_loss_and_resumes(recipe, tmp
         np.testing.assert_array_equal(a, b)  # block 0 untouched by the resumed run
 
 
+def test_blockwise_next_objective_is_the_error_through_the_teachers_next_norms(tmp_path):
+    """loss="next" measures a block's error as the next norms see it (numpy float64 reference), so a
+    massive channel the RMSNorm divides away does not dominate; it trains like "mse"; a bad name is
+    one line."""
+    from tfqat.blockwise import _distance, reconstruct
+
+    teacher = _model(LLAMA)
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(2, 5, 64)).astype(np.float32)
+    b = a + 0.1 * rng.normal(size=a.shape).astype(np.float32)
+    a[..., 7] += 300.0  # a massive channel, identical in both: plain MSE is blind to it,
+    b[..., 7] += 303.0  # but it shifts the RMS every other channel is divided by
+
+    def rms_norm(x, scale, eps):
+        x = x.astype(np.float64)
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * scale.astype(np.float64)
+
+    def ref(bi):
+        views = ([teacher.blocks[bi + 1].attn_norm, teacher.blocks[bi + 1].mlp_norm]
+                 if bi + 1 < LLAMA.layers else [teacher.final_norm])
+        return sum(((rms_norm(a, v.scale.numpy(), v.eps) - rms_norm(b, v.scale.numpy(), v.eps)) ** 2).mean()
+                   for v in views)
+
+    for bi in range(LLAMA.layers):
+        got = float(_distance(teacher, bi, "next")(tf.constant(a), tf.constant(b)))
+        np.testing.assert_allclose(got, ref(bi), rtol=1e-4)
+    mse = float(_distance(teacher, 0, "mse")(tf.constant(a), tf.constant(b)))
+    np.testing.assert_allclose(mse, ((a.astype(np.float64) - b) ** 2).mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="use 'mse' or 'next'"):
+        _distance(teacher, 0, "l1")
+    x = _tokens(8, 20)
+    student = quantize_model(teacher, "w4a8-dyn")
+    calibrate(student, [x])
+    state = reconstruct(student, teacher, x.numpy(), tmp_path, steps_per_block=25, batch_size=4, lr=1e-3,
+                        scale_lr=1e-4, progress=False, loss="next")
+    assert all(b["loss_after"] < b["loss_before"] for b in state["blocks"])
+
+
 def test_blimp_interval_and_report_table():
     from tfqat.report import blimp_interval, results_table
 

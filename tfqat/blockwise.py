@@ -9,8 +9,14 @@ of a few hundred end-to-end steps.
 Per block ``i`` (in order): the student block takes the *quantized* path's hidden state ``X_q``
 (blocks ``< i`` already reconstructed and quantized, so later blocks learn to absorb earlier
 errors) and the target is the teacher block's output on the *float* path ``X_fp``; the block's
-latent float weights, norms and every quantizer scale train with AdamW on the mean squared error,
-weights and scales at their own learning rates; then both paths advance one block. Token bits
+latent float weights, norms and every quantizer scale train with AdamW on the squared error,
+weights and scales at their own learning rates; then both paths advance one block.
+
+``loss="mse"`` is the plain squared error of the residual stream. A pretrained LM's stream has a
+few massive channels (values in the hundreds on a few tokens) that dominate it although the next
+RMSNorm all but erases them, so ``loss="next"`` measures the error as the next layer sees it: both
+outputs through the teacher's next norms (the next block's attention and MLP norms; the final norm
+after the last block). Token bits
 (adaptive recipes) flow exactly as in the full model.
 
 Resumable at block granularity: after each block the student's weights and ``progress.json``
@@ -52,9 +58,22 @@ def _advance(block, xs: list, bits: list, token_bits) -> tuple[list, list]:
     return [o[0] for o in out], [o[2] if token_bits is not None else None for o in out]
 
 
+def _distance(teacher, bi: int, loss: str):
+    """``fn(a, b)``: the block output error the objective ``loss`` measures (see module doc)."""
+    if loss == "mse":
+        return lambda a, b: tf.reduce_mean(tf.square(a - b))
+    if loss != "next":
+        raise ValueError(f"block-wise loss {loss!r}: use 'mse' or 'next'")
+    if bi + 1 < len(teacher.blocks):
+        views = [teacher.blocks[bi + 1].attn_norm, teacher.blocks[bi + 1].mlp_norm]
+    else:
+        views = [teacher.final_norm]
+    return lambda a, b: tf.add_n([tf.reduce_mean(tf.square(v(a) - v(b))) for v in views])
+
+
 def reconstruct(student, teacher, tokens: np.ndarray, out_dir: Path, steps_per_block: int = 60,
                 batch_size: int = 4, lr: float = 1e-4, scale_lr: float = 1e-5, seed: int = 0,
-                chunk: int = 8, progress: bool = True, save=None) -> dict:
+                chunk: int = 8, progress: bool = True, save=None, loss: str = "mse") -> dict:
     """Reconstruct every block of ``student`` (see module doc); returns a summary dict.
 
     Args:
@@ -64,6 +83,7 @@ def reconstruct(student, teacher, tokens: np.ndarray, out_dir: Path, steps_per_b
         out_dir: where ``progress.json`` and the per-block losses go.
         steps_per_block: optimizer steps per block (batches of ``batch_size`` sequences).
         save: ``fn(student)`` that stores the student atomically after each block (resume point).
+        loss: ``"mse"`` (the residual stream) or ``"next"`` (through the next norms).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -95,22 +115,23 @@ def reconstruct(student, teacher, tokens: np.ndarray, out_dir: Path, steps_per_b
         opt_s = keras.optimizers.Adam(learning_rate=scale_lr)
         opt_w.build(weights)
         opt_s.build(scales)
-        norm = tf.reduce_mean(tf.square(y_fp - x_in)) + 1e-12  # the block's own contribution
+        dist = _distance(teacher, bi, loss)
+        norm = dist(y_fp, x_in) + 1e-12  # the block's own contribution
 
         @tf.function(reduce_retracing=True)
         def step(x, y, b):
             with tf.GradientTape() as tape:
                 out, _, _ = sb(x, bits=b, token_bits=student.token_bits, training=True)
-                loss = tf.reduce_mean(tf.square(out - y)) / norm
-            gw, gs = tape.gradient(loss, [weights, scales])
+                value = dist(out, y) / norm
+            gw, gs = tape.gradient(value, [weights, scales])
             opt_w.apply_gradients(zip(gw, weights))
             if scales:
                 opt_s.apply_gradients(zip(gs, scales))
-            return loss
+            return value
 
         def block_loss():
             out = [sb(x, bits=b, token_bits=student.token_bits, training=False)[0] for x, b in zip(xq, bq)]
-            return float(tf.reduce_mean(tf.square(tf.concat(out, 0) - y_fp)) / norm)
+            return float(dist(tf.concat(out, 0), y_fp) / norm)
 
         before = block_loss()
         losses = []

@@ -145,6 +145,7 @@ class BlockwiseConfig(_Strict):
     batch_size: int = Field(4, ge=1)  # sequences per block step
     lr: float = Field(1e-4, gt=0)  # latent weights and norms (AdamW)
     scale_lr: float = Field(1e-5, ge=0)  # quantizer scales (Adam); scales are ~1e-3, Adam steps are lr-sized
+    loss: Literal["mse", "next"] = "mse"  # the residual stream, or as the next norms see it (tfqat.blockwise)
 
 
 class QATConfig(_Strict):

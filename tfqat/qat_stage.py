@@ -162,7 +162,7 @@ def _initial_student(cfg, data, teacher: keras.Model, recipe: Recipe, qat, progr
                                          cfg.qat.train.seed + 104729, 0, 1)))[0].numpy()
         state = reconstruct(student, teacher, tokens, stage / "blockwise", bw.steps_per_block, bw.batch_size,
                             bw.lr, bw.scale_lr, cfg.qat.train.seed, progress=progress,
-                            save=lambda m: save_weights_atomic(m, bw_weights))
+                            save=lambda m: save_weights_atomic(m, bw_weights), loss=bw.loss)
         info["blockwise_s"] = state["wall_s"]
         info["blockwise"] = {"blocks": state["blocks"], "sequences": bw.sequences,
                              "steps_per_block": bw.steps_per_block}

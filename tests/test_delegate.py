@@ -1025,7 +1025,7 @@ def test_invoke_rejects_bad_runtime_values(lib):
 
 
 @pytest.mark.parametrize("options,pattern", [
-    ({"bogus": "1"}, r"unknown option 'bogus'; options are: isa, dump_abi"),
+    ({"bogus": "1"}, r"unknown option 'bogus'; options are: isa, num_threads, dump_abi"),
     ({"isa": "pentium"}, r"option isa=pentium is unknown; available here: ref"),
     ({"isa": "neon" if os.uname().machine == "x86_64" else "avx2"},
      r"is not available on this CPU or build; available here: ref"),

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPS = ROOT / "tflite_ops"
 TOOLCHAINS = OPS / "cmake" / "toolchains"
 QEMU = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
-FAMILIES = ("quantize", "qlinear", "attention", "gemm_float", "dispatch")
+FAMILIES = ("quantize", "qlinear", "attention", "gemm_float", "dispatch", "parallel")
 # qemu CPU model -> (the ISA dispatch must pick, every ARM table the CPU must expose).
 CPUS = {
     "cortex-a53": ("neon", ["neon"]),

@@ -48,9 +48,11 @@ def test_kernels_host_ctest():
     out = _build_and_test(REPO / "build" / "kernels-host", ["-DCMAKE_BUILD_TYPE=Release"])
     assert "100% tests passed" in out
     # Every family reports which ISAs it ran and found no mismatch.
-    for family in ("quantize", "qlinear", "attention", "gemm_float", "dispatch"):
+    for family in ("quantize", "qlinear", "attention", "gemm_float", "dispatch", "parallel"):
         assert f"[{family}] tested: ref" in out
         assert re.search(rf"\[{family}\] \d+ checks, 0 failures", out), family
+    # The threads tester ran op 3 / 3g through the tiling loop on pools of 1-4 threads.
+    assert re.search(r"\[parallel\] [1-9]\d* cases per variant, tilings on 1-4 threads", out)
     # The qlinear tester also ran its group-wise-scale (op 3g) cases.
     assert re.search(r"\[qlinear\] \d+ cases per variant, [1-9]\d* of them with group-wise scales", out)
     # ... and the attention tester its float-probability cases (op 4p, ATTN_PV p_mode=1).

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--tokenizer", help="tokenizer.json (default: next to the model)")
     ap.add_argument("--lib", help="delegate library (default: $TFQAT_OPS_LIB or tfqat/_lib)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for LiteRT (XNNPACK) and our delegate (default 1; results are the same for any count)")
     ap.add_argument("--allow-float", action="store_true", help="accept a model without TFQAT ops")
     ap.add_argument("--stats", action="store_true", help="print ms/token to stderr")
     ap.add_argument("--chat", action="store_true",
@@ -98,7 +99,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         model_path = Path(args.model)
         tok = load_tokenizer(model_path, args.tokenizer)
-        model = LiteModel(model_path, lib=args.lib, num_threads=args.threads,
+        model = LiteModel(model_path, lib=args.lib, threads=args.threads,
                           allow_float=args.allow_float or model_path.name == "model_float.tflite")
         text_in = args.prompt
         stops = []

@@ -7,7 +7,13 @@ Example:
     >>> nxt = m.decode(int(logits[-1].argmax()))  # [V]
 
 The delegate library is ``$TFQAT_OPS_LIB`` or ``tfqat/_lib/libtfqat_ops.so`` (built by
-``pip install -e .``). XNNPACK runs the builtin ops, our delegate the TFQAT_* ones.
+``pip install -e .``). XNNPACK runs the builtin ops, our delegate the TFQAT_* ones; both use
+``threads`` threads (the delegate's results are bit-identical for any count).
+
+The model file is memory-mapped (LiteRT's ``Interpreter(model_path=...)``), never read into the
+heap: the weights XNNPACK and our delegate repack are paged in once while they pack (the delegate
+then releases the file's pages, see tflite_ops/README.md "Threads and memory"), the rest (the
+embedding table) is paged in as it is used. :func:`peak_rss_mb` reports what that costs.
 
 The KV cache lives in the decode signature's own input buffers: prefill's rows are copied in
 once, and each decode step writes its one new row per layer in place (see tfqat/export/kv_cache.py
@@ -17,7 +23,10 @@ for the cache format). Problems a user can fix raise :class:`RuntimeError_` subc
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import resource
+import sys
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -48,6 +57,44 @@ def find_library() -> str:
         raise TfqatRuntimeError(f"delegate library libtfqat_ops.so not found at {path}; build it with "
                                 f"pip install -e . or set ${LIB_ENV} to its path")
     return str(path)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (``resource.getrusage``: Linux
+    reports KiB, macOS bytes). For benchmarks: read it in a fresh process after the work."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def rss_mb() -> float:
+    """Current resident set size in MiB (``/proc/self/statm``; the peak where that is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def check_threads(threads) -> int:
+    """``threads`` as an int >= 1.
+
+    Raises:
+        TfqatRuntimeError: not an integer, or below 1 (one line naming the limit).
+    """
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise TfqatRuntimeError(f"threads={threads!r}: must be an integer >= 1")
+    return int(threads)
+
+
+def map_file(path: Path):
+    """The file's bytes as a read-only mmap (b"" for an empty file): the flatbuffer readers below
+    index it like bytes without copying the model into the heap."""
+    with open(path, "rb") as f:
+        try:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file cannot be mapped
+            return b""
 
 
 def model_ops(data: bytes) -> list:
@@ -99,27 +146,35 @@ class LiteModel:
         path: the .tflite.
         lib: delegate library (default :func:`find_library`); not loaded for a model without
             TFQAT ops.
-        num_threads: interpreter / XNNPACK threads (default 1).
+        threads: threads for the whole model, >= 1 (default 1): the interpreter's count, which
+            XNNPACK and our delegate both take (the delegate reads it from the interpreter's
+            context; a ``num_threads`` entry in ``delegate_options`` overrides it for the
+            delegate). ``num_threads`` is the same argument under its older name.
         allow_float: accept a model without TFQAT ops (the FP export, or a baseline).
         delegate_options: passed to ``load_delegate`` (e.g. ``{"isa": "ref"}``).
 
     Raises:
         TfqatRuntimeError: missing / truncated / foreign file, missing library, no TFQAT ops
-            (unless ``allow_float``), no prefill/decode signatures.
+            (unless ``allow_float``), no prefill/decode signatures, threads below 1.
     """
 
-    def __init__(self, path, lib: Optional[str] = None, num_threads: int = 1,
-                 allow_float: bool = False, delegate_options: Optional[dict] = None):
+    def __init__(self, path, lib: Optional[str] = None, threads: int = 1,
+                 allow_float: bool = False, delegate_options: Optional[dict] = None,
+                 num_threads: Optional[int] = None):
         from ai_edge_litert.interpreter import Interpreter, load_delegate
 
+        self.threads = check_threads(threads if num_threads is None else num_threads)
         self.path = Path(path)
         if not self.path.is_file():
             raise TfqatRuntimeError(f"{self.path}: no such model file")
-        data = self.path.read_bytes()
+        data = map_file(self.path)
         try:
             ops = model_ops(data)
         except TfqatRuntimeError as e:
             raise TfqatRuntimeError(f"{self.path}: {e}") from None
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
         self.ops = ops
         self.quantized = any(o.startswith("TFQAT_") for o in ops)
         foreign = sorted({o for o in ops if not o.startswith("TFQAT_") and not o.isupper()}
@@ -143,8 +198,9 @@ class LiteModel:
                                         f"{str(e).strip().splitlines()[-1]}") from None
             self.lib = lib
         try:
-            self.interp = Interpreter(model_content=data, experimental_delegates=delegates,
-                                      num_threads=num_threads)
+            # model_path: LiteRT maps the file (no heap copy of the model).
+            self.interp = Interpreter(model_path=str(self.path), experimental_delegates=delegates,
+                                      num_threads=self.threads)
         except (ValueError, RuntimeError) as e:
             msg = str(e).strip().splitlines()
             raise TfqatRuntimeError(f"{self.path}: the interpreter rejects it "
@@ -154,9 +210,12 @@ class LiteModel:
             raise TfqatRuntimeError(f"{self.path}: not a tfqat export (signatures {sorted(sigs)}, need "
                                     "prefill and decode)")
         self._w = self.interp._interpreter  # the wrapper: subgraph-aware tensor views
-        self._pre = self.interp.get_signature_runner("prefill")
+        # prefill (every position's logits, for scoring) and prefill_last (the last one's, for
+        # generation; exports before it have none) get their runners, and so their tensors, on
+        # first use: a generation never allocates the scoring prefill's.
+        self.signatures = sorted(sigs)
+        self._prefill_runners: dict = {}
         self._dec = self.interp.get_signature_runner("decode")
-        self._pre_sub = self._pre._subgraph_index
         self._dec_sub = self._dec._subgraph_index
         self._dec_in = dict(self._dec._inputs)
         self._dec_out = dict(self._dec._outputs)
@@ -202,14 +261,22 @@ class LiteModel:
                                     f"is outside the vocabulary [0, {self.vocab_size})")
         return t.astype(np.int32)
 
-    # -- the two signatures -----------------------------------------------------------------------
-    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        """Run the prompt (positions 0..T-1; empties the cache first); returns logits [T, V]."""
+    # -- the signatures ---------------------------------------------------------------------------
+    def _prefill_runner(self, key: str):
+        if key not in self._prefill_runners:
+            self._prefill_runners[key] = self.interp.get_signature_runner(key)
+        return self._prefill_runners[key]
+
+    def prefill(self, tokens: Sequence[int], last_only: bool = False) -> np.ndarray:
+        """Run the prompt (positions 0..T-1; empties the cache first); returns logits [T, V], or
+        with ``last_only`` the last position's, [1, V] (what generation needs: the export's
+        ``prefill_last`` signature runs the head for that row alone)."""
         tokens = self._check_tokens(tokens)
         if tokens.size > self.capacity:
             raise TfqatRuntimeError(f"prompt has {tokens.size} tokens but the model's context is "
                                     f"{self.capacity}; shorten the prompt")
-        out = self._pre(tokens=tokens)
+        last_sig = last_only and "prefill_last" in self.signatures
+        out = self._prefill_runner("prefill_last" if last_sig else "prefill")(tokens=tokens)
         self.reset()
         t = tokens.size
         for n in self.cache_names:
@@ -222,7 +289,7 @@ class LiteModel:
         if "thresholds" in self._dec_in:
             self._view("thresholds")[...] = out["thresholds"]
         self.position = t
-        return out["logits"]
+        return out["logits"][-1:] if last_only else out["logits"]
 
     def decode(self, token: int) -> np.ndarray:
         """One token at the next position; returns its logits [V]."""
@@ -268,7 +335,7 @@ class LiteModel:
         """
         rng = np.random.default_rng(seed)
         stop = set(stop)
-        logits = self.prefill(prompt)[-1]
+        logits = self.prefill(prompt, last_only=True)[-1]
         for i in range(max_new_tokens):
             tok = sample(logits, temperature, top_k, rng)
             yield tok

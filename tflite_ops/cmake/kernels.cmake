@@ -10,9 +10,15 @@ add_library(tfqat_kernels STATIC
   ${TFQAT_OPS_DIR}/src/ref/qlinear.cc
   ${TFQAT_OPS_DIR}/src/ref/gemm_float.cc
   ${TFQAT_OPS_DIR}/src/ref/table.cc
-  ${TFQAT_OPS_DIR}/src/dispatch.cc)
+  ${TFQAT_OPS_DIR}/src/dispatch.cc
+  ${TFQAT_OPS_DIR}/src/parallel.cc
+  ${TFQAT_OPS_DIR}/src/tiling.cc)
 set_target_properties(tfqat_kernels PROPERTIES POSITION_INDEPENDENT_CODE ON)
 target_include_directories(tfqat_kernels PUBLIC ${TFQAT_OPS_DIR}/include)
+# The thread pool (parallel.cc): std::thread.
+set(THREADS_PREFER_PTHREAD_FLAG ON)
+find_package(Threads REQUIRED)
+target_link_libraries(tfqat_kernels PUBLIC Threads::Threads)
 
 if(CMAKE_SYSTEM_PROCESSOR MATCHES "^(x86_64|AMD64|amd64)$")
   set(_x86 ${TFQAT_OPS_DIR}/src/x86)

@@ -4,7 +4,7 @@
 set(TFQAT_OPS_DIR ${CMAKE_CURRENT_LIST_DIR}/..)
 
 if(TFQAT_BUILD_TESTS)
-  foreach(family quantize qlinear attention gemm_float dispatch)
+  foreach(family quantize qlinear attention gemm_float dispatch parallel)
     add_executable(tfqat_test_${family} ${TFQAT_OPS_DIR}/tests/test_${family}.cc)
     target_link_libraries(tfqat_test_${family} PRIVATE tfqat_kernels)
     add_test(NAME kernels_${family} COMMAND tfqat_test_${family})

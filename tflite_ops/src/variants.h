@@ -44,6 +44,10 @@ size_t f16_packed_size(int N, int K);
 void f16_pack(const void* canonical, int N, int K, void* packed);
 void gemm_f16(const uint16_t* x, int T, int K, const void* w_packed, int N, uint16_t* y);
 
+size_t qlinear_work_size(int T, int K, int w_bits, int group_size);
+void qlinear_prepare(const QLinearArgs& a, int t0, int t1);
+void qlinear_tile(const QLinearArgs& a, int t0, int t1, int n0, int n1);
+
 // Sign-extends nibble `i` of a packed int4 row.
 inline int int4_at(const uint8_t* row, int i) {
   const int b = row[i >> 1];
@@ -53,6 +57,19 @@ inline int int4_at(const uint8_t* row, int i) {
 
 const KernelTable* table();
 }  // namespace ref
+
+// The whole-op entries (qlinear_w4, ..._grouped) of a table, built from its tile functions:
+// one prepare over every token and one tile over the whole output, with the work buffer kept
+// per thread (src/tiling.cc). The delegate does not use these: it runs the tiles through
+// parallel.h with scratch sized at Prepare.
+struct QLinearTiles {
+  QLinearWorkSizeFn work_size;
+  QLinearPrepareFn prepare;
+  QLinearTileFn tile;
+};
+void qlinear_whole(const QLinearTiles& tiles, int w_bits, int group_size, const int8_t* x, const float* xs,
+                   const uint8_t* bits, int T, int K, const void* w_packed, const float* ws,
+                   const float* ws_gn, const float* bias, int N, float* y);
 
 // Variant tables. Each is compiled only for its architecture and never called unless
 // dispatch.cc has checked the CPU features first.

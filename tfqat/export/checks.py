@@ -88,7 +88,8 @@ def expected_ops(spec: ModelSpec) -> dict:
 def check_export(data: bytes, spec: ModelSpec) -> dict:
     """Fail loudly (:class:`ExportError`) unless the flatbuffer is what ``spec`` must produce.
 
-    Checks: both signatures; no FAKE_QUANT, no Flex (Select TF) or other foreign custom ops;
+    Checks: the prefill and decode signatures (and prefill_last when present: the same TFQAT
+    ops as prefill, its outputs those of prefill with one row of logits); no FAKE_QUANT, no Flex (Select TF) or other foreign custom ops;
     the float model has no custom op at all; the quantized one has exactly the expected
     TFQAT op counts in each signature (a composite the converter inlined instead of fusing
     shows up as missing ops), no integer BATCH_MATMUL / FULLY_CONNECTED (an inlined body),
@@ -100,6 +101,11 @@ def check_export(data: bytes, spec: ModelSpec) -> dict:
     for key in ("prefill", "decode"):
         if key not in sigs:
             raise ExportError(f"export check: signature {key!r} missing (got {sorted(sigs)})")
+    if "prefill_last" in sigs:
+        pre, last = sigs["prefill"], sigs["prefill_last"]
+        if set(last["outputs"]) != set(pre["outputs"]) or last["outputs"]["logits"][1][0] != 1:
+            raise ExportError("export check: signature prefill_last must return prefill's outputs with "
+                              f"logits [1, V], got {last['outputs'].get('logits')}")
     ops = info["ops"]
     if "FAKE_QUANT" in ops:
         raise ExportError("export check: FAKE_QUANT ops in the model (training graph leaked in)")
@@ -112,7 +118,9 @@ def check_export(data: bytes, spec: ModelSpec) -> dict:
             raise ExportError(f"export check: the float model contains custom ops {custom}")
         return info
     want = expected_ops(spec)
-    for key in ("prefill", "decode"):
+    for key in ("prefill", "decode", "prefill_last"):
+        if key not in sigs:  # prefill_last: absent from a pruned-prefill export
+            continue
         got = {k: v for k, v in sigs[key]["ops"].items() if k.startswith("TFQAT_")}
         for name, n in want.items():
             if got.get(name, 0) != n:

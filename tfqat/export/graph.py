@@ -24,6 +24,13 @@ Signatures (batch 1, one sequence):
   ``0..position-1``: ``logits [1, V]`` and the new token's rows ``k_l, ks_l, v_l, vb_l`` (the
   graph inserts them at ``position`` itself before attending, so the caller only writes them
   into its cache afterwards). The cache's format: :mod:`tfqat.export.kv_cache`.
+- ``prefill_last(tokens int32 [T])``: ``prefill`` for generation: the same outputs, but
+  ``logits [1, V]`` of the last position only, so the head (``V x C`` per token, the largest
+  matmul of a small model) runs once instead of T times. ``prefill`` keeps every position's
+  logits for scoring (perplexity, BLiMP). Its logits equal the last row of ``prefill``'s: every
+  op before the head is the same graph on the same tokens, and the head is per row (bit for bit
+  with the int8 head, which our delegate runs; within float rounding of XNNPACK's GEMM for a
+  float head).
 
 Decode bit rule (METHOD.md sec. 3, :mod:`tfqat.quant.token_bits`): prefill selects the top
 ``rho * T`` tokens per layer (TFQAT_SELECT_BITS mode 0) and returns, per layer, the smallest
@@ -321,6 +328,8 @@ class InferenceModule(tf.Module):
         self._decode_names = tuple(s.name for s in inputs)
         self.prefill = tf.function(self._prefill,
                                    input_signature=[tf.TensorSpec([None], tf.int32, name="tokens")])
+        self.prefill_last = tf.function(self._prefill_last,
+                                        input_signature=[tf.TensorSpec([None], tf.int32, name="tokens")])
         self.decode = tf.function(self._decode, input_signature=inputs)
 
     def _embed(self, tokens, positions):
@@ -345,8 +354,9 @@ class InferenceModule(tf.Module):
         keys = ("k", "ks", "v", "vb") if self.quantized else ("k", "v")
         return {k: feeds[f"{k}_cache_{i}"] for k in keys}
 
-    def run(self, tokens, positions, cache_in=None, thresholds=None) -> dict:
-        """Every layer over ``tokens`` at ``positions``: ``{"logits", "<row>_<l>", ["thresholds"]}``."""
+    def run(self, tokens, positions, cache_in=None, thresholds=None, last_only: bool = False) -> dict:
+        """Every layer over ``tokens`` at ``positions``: ``{"logits", "<row>_<l>", ["thresholds"]}``;
+        ``last_only``: the logits of the last position alone (``[1, V]``)."""
         x = self._embed(tokens, positions)
         outs: dict = {}
         bits, thrs = None, []
@@ -361,7 +371,11 @@ class InferenceModule(tf.Module):
                     thrs.append(out.threshold)
             for key, val in out.rows.items():
                 outs[f"{key}_{i}"] = val
-        outs["logits"] = self._logits(x)
+        if last_only:  # [1, V] with a static 1 (the int8 head's custom op loses it otherwise)
+            logits = self._logits(tf.expand_dims(x[-1], 0))
+            outs["logits"] = tf.reshape(logits, [1, logits.shape[-1] if logits.shape[-1] is not None else -1])
+        else:
+            outs["logits"] = self._logits(x)
         if thrs:
             outs["thresholds"] = tf.stack(thrs)
         return outs
@@ -373,6 +387,14 @@ class InferenceModule(tf.Module):
 
     def _prefill(self, tokens):
         return self.run(tokens, tf.range(tf.shape(tokens)[0]))
+
+    def _prefill_last(self, tokens):
+        return self.run(tokens, tf.range(tf.shape(tokens)[0]), last_only=True)
+
+    def has_prefill_last(self) -> bool:
+        """Whether ``prefill_last`` is this module's ``prefill`` with one row of logits: not for a
+        variant that replaces :meth:`_prefill` (the pruned prefill keeps its own signatures)."""
+        return type(self)._prefill is InferenceModule._prefill
 
     def _decode(self, *args):
         feeds = dict(zip(self._decode_names, args))
@@ -386,18 +408,22 @@ def build_module(spec: ModelSpec) -> InferenceModule:
 
 
 def convert(spec: ModelSpec, module: Optional[InferenceModule] = None, what: str = "") -> bytes:
-    """The .tflite bytes of ``spec`` (SavedModel with two signatures -> TFLite converter);
-    ``module``: an already built variant of :class:`InferenceModule` (e.g. a pruned prefill).
+    """The .tflite bytes of ``spec`` (SavedModel with the signatures ``prefill``, ``decode`` and,
+    unless the module replaces its prefill, ``prefill_last`` -> TFLite converter; the signatures
+    share every constant buffer); ``module``: an already built variant of
+    :class:`InferenceModule` (e.g. a pruned prefill).
 
     Raises:
         ExportError: the converter failed (its first line; ``what`` names the variant).
     """
     module = module if module is not None else build_module(spec)
     with tempfile.TemporaryDirectory(prefix="tfqat-export-") as tmp:
-        tf.saved_model.save(module, tmp, signatures={
-            "prefill": module.prefill.get_concrete_function(),
-            "decode": module.decode.get_concrete_function()})
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["prefill", "decode"])
+        signatures = {"prefill": module.prefill.get_concrete_function(),
+                      "decode": module.decode.get_concrete_function()}
+        if module.has_prefill_last():
+            signatures["prefill_last"] = module.prefill_last.get_concrete_function()
+        tf.saved_model.save(module, tmp, signatures=signatures)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(signatures))
         converter.allow_custom_ops = spec.quantized
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         try:

@@ -127,6 +127,36 @@ using GemmF32Fn = void (*)(const float* x, int T, int K, const void* w_packed, i
 using GemmF16Fn = void (*)(const uint16_t* x, int T, int K, const void* w_packed, int N,
                            uint16_t* y);
 
+// ---- op 3 / 3g as tiles: what the threaded loop (tfqat_ops/parallel.h) calls ------------
+// XNNPACK's split: a variant supplies a tile function that computes one rectangle of outputs
+// and knows nothing of threads; the loop over tiles, and the threads, live in parallel.h and are
+// written once for every ISA. One QLinearArgs describes a whole op 3 / 3g call.
+struct QLinearArgs {
+  int w_bits = 8;            // 4 (weights from w4_pack) or 8 (w8_pack)
+  int group_size = 0;        // 0: op 3 with ws [N]; G (a multiple of 32): op 3g with ws_gn [ng][N]
+  const int8_t* x = nullptr; // [T][K] codes
+  const float* xs = nullptr; // [T]
+  const uint8_t* bits = nullptr;  // [T] in {4, 8}, or nullptr = all 8
+  int T = 0, K = 0, N = 0;
+  const void* w_packed = nullptr;
+  const float* ws = nullptr;     // op 3
+  const float* ws_gn = nullptr;  // op 3g
+  const float* bias = nullptr;   // [N] or nullptr
+  float* y = nullptr;            // [T][N]
+  // Caller-owned scratch of qlinear_work_size(T, K, w_bits, group_size) bytes, 64-byte aligned,
+  // filled by qlinear_prepare for the tokens a tile reads (the variant's padded / offset copy of
+  // x and its per-token corrections), so tiles never allocate.
+  void* work = nullptr;
+};
+// Bytes of QLinearArgs::work a call with these sizes needs (0 when the variant needs none).
+using QLinearWorkSizeFn = size_t (*)(int T, int K, int w_bits, int group_size);
+// Fills the work rows of tokens [t0, t1) (token ranges may run on different threads).
+using QLinearPrepareFn = void (*)(const QLinearArgs& a, int t0, int t1);
+// y[t][n] for t in [t0, t1), n in [n0, n1), after qlinear_prepare covered [t0, t1). n0 is a
+// multiple of the table's qlinear_nr, n1 one too or N. Each output is the op's formula for that
+// (t, n) alone, so every tiling (and every thread count) gives the same bits.
+using QLinearTileFn = void (*)(const QLinearArgs& a, int t0, int t1, int n0, int n1);
+
 struct KernelTable {
   Isa isa;
   QuantizeRowsFn quantize_rows;
@@ -147,6 +177,15 @@ struct KernelTable {
   PackedSizeFn f16_packed_size;
   PackFn f16_pack;
   GemmF16Fn gemm_f16;
+  // Op 3 / 3g as tiles (the whole-op entries above are these run as one tile). qlinear_nr is the
+  // channel granularity of the packed layouts: a tile's channel range starts at a multiple of it.
+  int qlinear_nr;
+  QLinearWorkSizeFn qlinear_work_size;
+  QLinearPrepareFn qlinear_prepare;
+  QLinearTileFn qlinear_tile;
+  // True when w4_pack / w8_pack copy the canonical layout unchanged (ref): the delegate then
+  // runs on the model file's weights in place instead of keeping a packed copy.
+  bool packs_canonical;
 };
 
 // The table for one ISA, or nullptr when it is not compiled in or this CPU lacks the features

@@ -89,29 +89,57 @@ struct IndexList {
   int size = 0;
 };
 
-// Activation rows [T][K] seen with K rounded up to a multiple of `kb`: the caller's buffer when
-// K already is one, else a zero-padded copy, so block loops never read past a row.
+// Activation rows [T][K] seen with K rounded up to a multiple of `kb` (the kernel's k block):
+// the caller's codes when K already is one, else the zero-padded copy qlinear_prepare made in
+// QLinearArgs::work, so block loops never read past a row.
 class PaddedRows {
  public:
-  PaddedRows(const int8_t* x, int T, int K, int kb)
-      : kp_(round_up(K, kb)), buf_(kp_ == K ? 0 : static_cast<size_t>(T) * kp_) {
-    if (kp_ == K) {
-      base_ = x;
-      return;
-    }
-    for (int t = 0; t < T; ++t) {
-      std::memcpy(buf_.data() + static_cast<size_t>(t) * kp_, x + static_cast<size_t>(t) * K, K);
-    }
-    base_ = buf_.data();
-  }
+  PaddedRows(const QLinearArgs& a, int kb)
+      : kp_(round_up(a.K, kb)), base_(kp_ == a.K ? a.x : static_cast<const int8_t*>(a.work)) {}
   const int8_t* row(int t) const { return base_ + static_cast<size_t>(t) * kp_; }
   int kp() const { return kp_; }
 
  private:
   int kp_;
-  Scratch<int8_t> buf_;
-  const int8_t* base_ = nullptr;
+  const int8_t* base_;
 };
+
+// Op 3 / 3g work: room for padded rows at the largest k block of the ARM kernels (32).
+inline size_t padded_rows_bytes(int T, int K) { return static_cast<size_t>(T) * round_up(K, 32); }
+
+// qlinear_prepare of the ARM variants: the padded copy of rows [t0, t1), when K needs one.
+inline void pad_rows(const QLinearArgs& a, int kb, int t0, int t1) {
+  const int kp = round_up(a.K, kb);
+  if (kp == a.K) return;
+  int8_t* out = static_cast<int8_t*>(a.work);
+  for (int t = t0; t < t1; ++t) {
+    int8_t* d = out + static_cast<size_t>(t) * kp;
+    std::memcpy(d, a.x + static_cast<size_t>(t) * a.K, a.K);
+    std::memset(d + a.K, 0, kp - a.K);
+  }
+}
+
+// The tokens [t0, t1) as index lists for the tile loops, at most kChunk at a time (stack
+// arrays: a tile never allocates): run(order, count, four_bit) gets all of them (split false)
+// or the 8-bit and the 4-bit tokens as two lists (split true: neon's token control module).
+template <typename Run>
+inline void token_lists(const uint8_t* bits, int t0, int t1, bool split, Run&& run) {
+  constexpr int kChunk = 64;
+  int o8[kChunk], o4[kChunk];
+  for (int c0 = t0; c0 < t1; c0 += kChunk) {
+    const int c1 = min_int(t1, c0 + kChunk);
+    int n8 = 0, n4 = 0;
+    for (int t = c0; t < c1; ++t) {
+      if (split && bits && bits[t] == 4) {
+        o4[n4++] = t;
+      } else {
+        o8[n8++] = t;
+      }
+    }
+    if (n8) run(o8, n8, false);
+    if (n4) run(o4, n4, true);
+  }
+}
 
 // The reference epilogue for `nr` consecutive channels of one token:
 // y = (float)acc * (xs * ws[n]) [+ bias[n]], the scale product first, bias last, never fused.
@@ -155,15 +183,16 @@ inline void qlinear_tile(const Kernel& kernel, const PaddedRows& x, const int* o
   }
 }
 
-// The loop every qlinear variant shares: channel tiles outside (a weight tile stays in L1 while
-// every token passes over it), token tiles of MR inside, the last tokens in tiles of MT.
-// `order` lists the tokens to compute (all of them, or one bit-width group).
+// The loop every qlinear variant shares over one tile's channels [c0, c1) (c0 a multiple of
+// NR): channel tiles outside (a weight tile stays in L1 while every token passes over it),
+// token tiles of MR inside, the last tokens in tiles of MT. `order` lists the tokens to compute
+// (a tile's, or one bit-width group of them).
 template <int MR, int MT, int NR, typename Kernel>
 inline void qlinear_run(const Kernel& kernel, const PaddedRows& x, const int* order, int count,
                         const float* xs, const void* w_packed, size_t w_tile_bytes,
-                        const float* ws, const float* bias, int N, float* y) {
+                        const float* ws, const float* bias, int N, float* y, int c0, int c1) {
   const uint8_t* w = static_cast<const uint8_t*>(w_packed);
-  for (int n0 = 0; n0 < N; n0 += NR) {
+  for (int n0 = c0; n0 < c1; n0 += NR) {
     const int nr = min_int(NR, N - n0);
     const uint8_t* wt = w + static_cast<size_t>(n0 / NR) * w_tile_bytes;
     const float* b = bias ? bias + n0 : nullptr;
@@ -247,10 +276,10 @@ inline void qlinear_tile_grouped(const Kernel& kernel, const PaddedRows& x, cons
 template <int MR, int MT, int NR, typename Kernel>
 inline void qlinear_run_grouped(const Kernel& kernel, const PaddedRows& x, const int* order, int count,
                                 const float* xs, const void* w_packed, size_t w_tile_bytes, int kb,
-                                const GroupScales& gs, const float* bias, float* y) {
+                                const GroupScales& gs, const float* bias, float* y, int c0, int c1) {
   const uint8_t* w = static_cast<const uint8_t*>(w_packed);
   const size_t block_bytes = w_tile_bytes / static_cast<size_t>(x.kp() / kb);
-  for (int n0 = 0; n0 < gs.N; n0 += NR) {
+  for (int n0 = c0; n0 < c1; n0 += NR) {
     const int nr = min_int(NR, gs.N - n0);
     const uint8_t* wt = w + static_cast<size_t>(n0 / NR) * w_tile_bytes;
     const float* b = bias ? bias + n0 : nullptr;

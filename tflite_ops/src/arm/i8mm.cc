@@ -146,49 +146,60 @@ void w4_pack(const void* canonical, int N, int K, void* packed) {
 }
 
 // Tokens go in tiles of 4 (two smmla rows); an odd last token is paired with itself.
-void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                const void* w_packed, const float* ws, const float* bias, int N, float* y) {
-  const PaddedRows xr(x, T, K, W8Kernel::kKb);
-  arm::IndexList order(T);
-  order.push_range(T);
-  arm::qlinear_run<4, 2, W8Kernel::kNr>(W8Kernel{}, xr, order.idx.data(), T, xs, w_packed,
-                                        static_cast<size_t>(xr.kp()) * W8Kernel::kNr, ws, bias,
-                                        N, y);
+size_t qlinear_work_size(int T, int K, int, int) { return arm::padded_rows_bytes(T, K); }
+
+void qlinear_prepare(const QLinearArgs& a, int t0, int t1) {
+  arm::pad_rows(a, a.w_bits == 8 ? W8Kernel::kKb : W4Kernel::kKb, t0, t1);
 }
 
-void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                const void* w_packed, const float* ws, const float* bias, int N, float* y) {
-  const PaddedRows xr(x, T, K, W4Kernel::kKb);
-  arm::IndexList order(T);
-  order.push_range(T);
-  arm::qlinear_run<4, 2, W4Kernel::kNr>(W4Kernel{}, xr, order.idx.data(), T, xs, w_packed,
-                                        static_cast<size_t>(xr.kp()) / 2 * W4Kernel::kNr, ws,
-                                        bias, N, y);
+namespace {
+template <typename Kernel>
+void tile_with(const Kernel& kernel, size_t tile_bytes, const QLinearArgs& a, int t0, int t1, int n0, int n1) {
+  const PaddedRows xr(a, Kernel::kKb);
+  tile_bytes *= static_cast<size_t>(xr.kp());
+  const arm::GroupScales gs{a.group_size, a.group_size ? (a.K + a.group_size - 1) / a.group_size : 0, a.N,
+                            a.ws_gn};
+  arm::token_lists(a.bits, t0, t1, false, [&](const int* order, int count, bool) {
+    if (a.group_size) {
+      arm::qlinear_run_grouped<4, 2, Kernel::kNr>(kernel, xr, order, count, a.xs, a.w_packed, tile_bytes, Kernel::kKb,
+                                                  gs, a.bias, a.y, n0, n1);
+    } else {
+      arm::qlinear_run<4, 2, Kernel::kNr>(kernel, xr, order, count, a.xs, a.w_packed, tile_bytes, a.ws, a.bias, a.N,
+                                          a.y, n0, n1);
+    }
+  });
+}
+}  // namespace
+
+// Op 3g runs the same kernels one group of k blocks at a time (common.h). The weight tile of
+// kNr channels takes kp * kNr bytes (W8) or kp / 2 * kNr (W4).
+void qlinear_tile(const QLinearArgs& a, int t0, int t1, int n0, int n1) {
+  if (a.w_bits == 8) {
+    tile_with(W8Kernel{}, W8Kernel::kNr, a, t0, t1, n0, n1);
+  } else {
+    tile_with(W4Kernel{}, W4Kernel::kNr / 2, a, t0, t1, n0, n1);
+  }
 }
 
-// Op 3g: the same kernels and token tiles, one group of k blocks at a time (common.h).
-void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                        const void* w_packed, int group_size, const float* ws_gn,
-                        const float* bias, int N, float* y) {
-  const PaddedRows xr(x, T, K, W8Kernel::kKb);
-  arm::IndexList order(T);
-  order.push_range(T);
-  const arm::GroupScales gs{group_size, (K + group_size - 1) / group_size, N, ws_gn};
-  arm::qlinear_run_grouped<4, 2, W8Kernel::kNr>(W8Kernel{}, xr, order.idx.data(), T, xs, w_packed,
-                                                static_cast<size_t>(xr.kp()) * W8Kernel::kNr,
-                                                W8Kernel::kKb, gs, bias, y);
-}
+namespace {
+const QLinearTiles kTiles = {qlinear_work_size, qlinear_prepare, qlinear_tile};
+}  // namespace
 
-void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                        const void* w_packed, int group_size, const float* ws_gn,
-                        const float* bias, int N, float* y) {
-  const PaddedRows xr(x, T, K, W4Kernel::kKb);
-  arm::IndexList order(T);
-  order.push_range(T);
-  const arm::GroupScales gs{group_size, (K + group_size - 1) / group_size, N, ws_gn};
-  arm::qlinear_run_grouped<4, 2, W4Kernel::kNr>(W4Kernel{}, xr, order.idx.data(), T, xs, w_packed,
-                                                static_cast<size_t>(xr.kp()) / 2 * W4Kernel::kNr,
-                                                W4Kernel::kKb, gs, bias, y);
+void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                const float* ws, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 8, 0, x, xs, bits, T, K, w_packed, ws, nullptr, bias, N, y);
+}
+void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                const float* ws, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 4, 0, x, xs, bits, T, K, w_packed, ws, nullptr, bias, N, y);
+}
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                        int group_size, const float* ws_gn, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 8, group_size, x, xs, bits, T, K, w_packed, nullptr, ws_gn, bias, N, y);
+}
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                        int group_size, const float* ws_gn, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 4, group_size, x, xs, bits, T, K, w_packed, nullptr, ws_gn, bias, N, y);
 }
 
 }  // namespace arm_i8mm
@@ -214,6 +225,11 @@ const KernelTable* arm_i8mm_table() {
       arm_dot::f16_packed_size,
       arm_dot::f16_pack,
       arm_dot::gemm_f16,
+      8,
+      arm_i8mm::qlinear_work_size,
+      arm_i8mm::qlinear_prepare,
+      arm_i8mm::qlinear_tile,
+      false,
   };
   return &table;
 }

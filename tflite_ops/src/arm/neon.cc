@@ -352,55 +352,71 @@ void w4_pack(const void* canonical, int N, int K, void* packed) {
 // Token tile sizes (2 here, 4 and 3 in qlinear_w4) are the ones with the fewest guest
 // instructions under GCC 12 (tflite_ops/ARM.md): larger tiles run out of the 32 vector registers
 // and the allocator starts shuffling accumulators.
-void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                const void* w_packed, const float* ws, const float* bias, int N, float* y) {
-  const PaddedRows xr(x, T, K, W8Kernel::kKb);
-  arm::IndexList order(T);
-  order.push_range(T);
-  arm::qlinear_run<2, 1, W8Kernel::kNr>(W8Kernel{}, xr, order.idx.data(), T, xs, w_packed,
-                                        static_cast<size_t>(xr.kp()) * W8Kernel::kNr, ws, bias,
-                                        N, y);
+size_t qlinear_work_size(int T, int K, int, int) { return arm::padded_rows_bytes(T, K); }
+
+void qlinear_prepare(const QLinearArgs& a, int t0, int t1) {
+  arm::pad_rows(a, a.w_bits == 8 ? W8Kernel::kKb : kW4Kb, t0, t1);
 }
 
-// 8-bit and 4-bit tokens are gathered into two groups (the paper's token control module) and
-// each group runs the kernel its operand range allows.
-void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
-                const void* w_packed, const float* ws, const float* bias, int N, float* y) {
-  const PaddedRows xr(x, T, K, kW4Kb);
-  arm::IndexList t8(T), t4(T);
-  for (int t = 0; t < T; ++t) (bits && bits[t] == 4 ? t4 : t8).push(t);
+// W4: 8-bit and 4-bit tokens are gathered into two groups (the paper's token control module)
+// and each group runs the kernel its operand range allows. Op 3g runs the same kernels and
+// token split one group of k blocks at a time (common.h).
+void qlinear_tile(const QLinearArgs& a, int t0, int t1, int n0, int n1) {
+  const arm::GroupScales gs{a.group_size, a.group_size ? (a.K + a.group_size - 1) / a.group_size : 0, a.N,
+                            a.ws_gn};
+  if (a.w_bits == 8) {
+    const PaddedRows xr(a, W8Kernel::kKb);
+    const size_t tile_bytes = static_cast<size_t>(xr.kp()) * W8Kernel::kNr;
+    arm::token_lists(a.bits, t0, t1, false, [&](const int* order, int count, bool) {
+      if (a.group_size) {
+        arm::qlinear_run_grouped<2, 1, W8Kernel::kNr>(W8Kernel{}, xr, order, count, a.xs, a.w_packed, tile_bytes,
+                                                      W8Kernel::kKb, gs, a.bias, a.y, n0, n1);
+      } else {
+        arm::qlinear_run<2, 1, W8Kernel::kNr>(W8Kernel{}, xr, order, count, a.xs, a.w_packed, tile_bytes, a.ws,
+                                              a.bias, a.N, a.y, n0, n1);
+      }
+    });
+    return;
+  }
+  const PaddedRows xr(a, kW4Kb);
   const size_t tile_bytes = static_cast<size_t>(xr.kp()) / 2 * kW4Nr;
-  arm::qlinear_run<4, 1, kW4Nr>(W4x8Kernel{}, xr, t8.idx.data(), t8.size, xs,
-                                w_packed, tile_bytes, ws, bias, N, y);
-  arm::qlinear_run<3, 1, kW4Nr>(W4x4Kernel{}, xr, t4.idx.data(), t4.size, xs,
-                                w_packed, tile_bytes, ws, bias, N, y);
+  arm::token_lists(a.bits, t0, t1, true, [&](const int* order, int count, bool four) {
+    if (a.group_size && four) {
+      arm::qlinear_run_grouped<3, 1, kW4Nr>(W4x4Kernel{}, xr, order, count, a.xs, a.w_packed, tile_bytes, kW4Kb,
+                                            gs, a.bias, a.y, n0, n1);
+    } else if (a.group_size) {
+      arm::qlinear_run_grouped<4, 1, kW4Nr>(W4x8Kernel{}, xr, order, count, a.xs, a.w_packed, tile_bytes, kW4Kb,
+                                            gs, a.bias, a.y, n0, n1);
+    } else if (four) {
+      arm::qlinear_run<3, 1, kW4Nr>(W4x4Kernel{}, xr, order, count, a.xs, a.w_packed, tile_bytes, a.ws, a.bias,
+                                    a.N, a.y, n0, n1);
+    } else {
+      arm::qlinear_run<4, 1, kW4Nr>(W4x8Kernel{}, xr, order, count, a.xs, a.w_packed, tile_bytes, a.ws, a.bias,
+                                    a.N, a.y, n0, n1);
+    }
+  });
 }
 
-// Op 3g: the same kernels and token split, one group of k blocks at a time (common.h).
-void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                        const void* w_packed, int group_size, const float* ws_gn,
-                        const float* bias, int N, float* y) {
-  const PaddedRows xr(x, T, K, W8Kernel::kKb);
-  arm::IndexList order(T);
-  order.push_range(T);
-  const arm::GroupScales gs{group_size, (K + group_size - 1) / group_size, N, ws_gn};
-  arm::qlinear_run_grouped<2, 1, W8Kernel::kNr>(W8Kernel{}, xr, order.idx.data(), T, xs, w_packed,
-                                                static_cast<size_t>(xr.kp()) * W8Kernel::kNr,
-                                                W8Kernel::kKb, gs, bias, y);
-}
+const QLinearTiles kTiles = {qlinear_work_size, qlinear_prepare, qlinear_tile};
 
-void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
-                        const void* w_packed, int group_size, const float* ws_gn,
-                        const float* bias, int N, float* y) {
-  const PaddedRows xr(x, T, K, kW4Kb);
-  arm::IndexList t8(T), t4(T);
-  for (int t = 0; t < T; ++t) (bits && bits[t] == 4 ? t4 : t8).push(t);
-  const size_t tile_bytes = static_cast<size_t>(xr.kp()) / 2 * kW4Nr;
-  const arm::GroupScales gs{group_size, (K + group_size - 1) / group_size, N, ws_gn};
-  arm::qlinear_run_grouped<4, 1, kW4Nr>(W4x8Kernel{}, xr, t8.idx.data(), t8.size, xs, w_packed,
-                                        tile_bytes, kW4Kb, gs, bias, y);
-  arm::qlinear_run_grouped<3, 1, kW4Nr>(W4x4Kernel{}, xr, t4.idx.data(), t4.size, xs, w_packed,
-                                        tile_bytes, kW4Kb, gs, bias, y);
+// Token tile sizes (2 for W8, 4 and 3 for W4) are the ones with the fewest guest instructions
+// under GCC 12 (tflite_ops/ARM.md): larger tiles run out of the 32 vector registers and the
+// allocator starts shuffling accumulators.
+void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                const float* ws, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 8, 0, x, xs, bits, T, K, w_packed, ws, nullptr, bias, N, y);
+}
+void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                const float* ws, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 4, 0, x, xs, bits, T, K, w_packed, ws, nullptr, bias, N, y);
+}
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                        int group_size, const float* ws_gn, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 8, group_size, x, xs, bits, T, K, w_packed, nullptr, ws_gn, bias, N, y);
+}
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                        int group_size, const float* ws_gn, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 4, group_size, x, xs, bits, T, K, w_packed, nullptr, ws_gn, bias, N, y);
 }
 
 void attn_qk(const int8_t* q, const float* qs, int H, int T, int D, const void* k, int kv_bits,
@@ -557,6 +573,11 @@ const KernelTable* arm_neon_table() {
       ref::f16_packed_size,
       ref::f16_pack,
       ref::gemm_f16,
+      4,
+      arm_neon::qlinear_work_size,
+      arm_neon::qlinear_prepare,
+      arm_neon::qlinear_tile,
+      false,
   };
   return &table;
 }

@@ -9,11 +9,17 @@
 //   isa       force a kernel table (ref, avx2, avxvnni, avx512vnni, neon, neondot, i8mm);
 //             refused with a message when this CPU or build lacks it. Default: the best one,
 //             or TFQAT_ISA from the environment.
+//   num_threads  threads for the TFQAT ops (an integer from 1 to kMaxThreads). Default: the
+//             interpreter's thread count (Interpreter(num_threads=...), benchmark_model
+//             --num_threads, Interpreter.Options.setNumThreads), 1 when that is unset. One
+//             thread pool per delegate instance serves every node of every subgraph; results
+//             are bit-identical for any thread count (tfqat_ops/parallel.h).
 //   dump_abi  path of a JSON file describing what the delegate read for every tensor of every
 //             claimed node (rewritten at each node Prepare); the ABI test compares it with the
 //             interpreter's own view.
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -32,10 +38,15 @@ namespace {
 
 using namespace abi;
 
+constexpr int kMaxThreads = 1024;
+
 struct DelegateState {
   TfLiteDelegate base{};
   const KernelTable* kernels = nullptr;
   PackCache packs;
+  int num_threads = 0;  // the option; 0: the interpreter's thread count
+  std::mutex pool_mutex;
+  std::unique_ptr<ThreadPool> pool;  // created at the first Prepare that wants threads
   std::string dump_abi_path;
   std::mutex dump_mutex;
   // Node indices restart in every subgraph (one per signature), so entries are keyed by the
@@ -117,7 +128,9 @@ void dump_abi(NodeKernel* k) {
   std::lock_guard<std::mutex> lock(d->dump_mutex);
   d->dump_nodes[{k->subgraph, n.node_index}] = node;
   std::string all = "{\"tensors_size\": " + std::to_string(n.ctx->tensors_size) +
-                    ", \"isa\": \"" + isa_name(d->kernels->isa) + "\", \"nodes\": [";
+                    ", \"isa\": \"" + isa_name(d->kernels->isa) +
+                    "\", \"recommended_num_threads\": " + std::to_string(n.ctx->recommended_num_threads) +
+                    ", \"threads\": " + std::to_string(n.threads) + ", \"nodes\": [";
   bool first = true;
   for (const auto& entry : d->dump_nodes) {
     all += (first ? "" : ", ") + entry.second;
@@ -192,7 +205,25 @@ void* kernel_init(TfLiteContext* ctx, const char* buffer, size_t) {
 
 void kernel_free(TfLiteContext*, void* buffer) { delete static_cast<NodeKernel*>(buffer); }
 
-// No C++ exception may unwind into the C runtime; the only ones possible are allocation failures.
+// The node's threads: the delegate option, else the interpreter's count (unset: 1); the pool
+// grows to it. Runs at Prepare, so Invoke never starts a thread.
+void attach_threads(NodeKernel* k) {
+  DelegateState* d = k->delegate;
+  const int wanted = d->num_threads > 0 ? d->num_threads : k->node.ctx->recommended_num_threads;
+  k->node.threads = std::min(std::max(wanted, 1), kMaxThreads);
+  k->node.pool = nullptr;
+  if (k->node.threads == 1) return;
+  std::lock_guard<std::mutex> lock(d->pool_mutex);
+  if (!d->pool) {
+    d->pool = std::make_unique<ThreadPool>(k->node.threads);
+  } else {
+    d->pool->reserve(k->node.threads);
+  }
+  k->node.pool = d->pool.get();
+}
+
+// No C++ exception may unwind into the C runtime: allocation failures, and a thread that cannot
+// start (std::system_error).
 TfLiteStatus kernel_prepare(TfLiteContext* ctx, TfLiteNode* node) {
   auto* k = static_cast<NodeKernel*>(node->user_data);
   if (!k) {
@@ -201,6 +232,7 @@ TfLiteStatus kernel_prepare(TfLiteContext* ctx, TfLiteNode* node) {
   }
   k->node.ctx = ctx;
   try {
+    attach_threads(k);
     dump_abi(k);
     if (!k->init_error.empty()) return k->node.fail(k->init_error);
     return k->op->prepare(k->node);
@@ -305,8 +337,17 @@ DelegateState* create(char** keys, char** values, size_t count, std::string* err
       isa = value;
     } else if (std::strcmp(key, "dump_abi") == 0) {
       d->dump_abi_path = value;
+    } else if (std::strcmp(key, "num_threads") == 0) {
+      char* end = nullptr;
+      const long n = std::strtol(value, &end, 10);
+      if (!*value || *end || n < 1 || n > kMaxThreads) {
+        *error = std::string("option num_threads=") + value + " must be an integer from 1 to " +
+                 std::to_string(kMaxThreads);
+        return nullptr;
+      }
+      d->num_threads = static_cast<int>(n);
     } else {
-      *error = std::string("unknown option '") + key + "'; options are: isa, dump_abi";
+      *error = std::string("unknown option '") + key + "'; options are: isa, num_threads, dump_abi";
       return nullptr;
     }
   }

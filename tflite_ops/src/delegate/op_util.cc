@@ -7,6 +7,14 @@
 
 #include "op_util.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21  // Linux 5.4; older kernels answer EINVAL, which is ignored
+#endif
+#endif
+
 namespace tfqat {
 namespace delegate {
 
@@ -185,7 +193,28 @@ PackCache::Packed PackCache::get(const KernelTable* kt, const void* data, int bi
                                                             : kt->w8_packed_size(N, K));
   (bits == 4 ? kt->w4_pack : kt->w8_pack)(data, N, K, p->data());
   slot = p;
+  release_pages(data, static_cast<size_t>(N) * (bits == 4 ? (K + 1) / 2 : K));
   return p;
+}
+
+// The kernels read only the packed copy from now on. When the model is mmapped (LiteRT's
+// Interpreter(model_path=...)), the canonical weights are clean file pages that stay resident
+// (and count in RSS) until the kernel reclaims them: MADV_PAGEOUT reclaims the pages wholly
+// inside them now, so the process holds one copy of each weight matrix, not two. It is advice
+// that never changes contents: dropped file pages are read again from the file, anonymous ones
+// (a model given as bytes) go to swap or stay. Another reader (an op sharing the tensor) just
+// faults them back in.
+void PackCache::release_pages(const void* data, size_t bytes) {
+#if defined(__linux__)
+  const long page = sysconf(_SC_PAGESIZE);
+  if (page <= 0) return;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(data) + page - 1) / page * page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(data) + bytes) / page * page;
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_PAGEOUT);
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 // ---- NodeCtx -------------------------------------------------------------------------------

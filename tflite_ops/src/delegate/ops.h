@@ -13,6 +13,7 @@
 #include "flexbuffer.h"
 #include "tflite_abi.h"
 #include "tfqat_ops/kernels.h"
+#include "tfqat_ops/parallel.h"
 
 namespace tfqat {
 namespace delegate {
@@ -25,6 +26,8 @@ class PackCache {
   using Packed = std::shared_ptr<const std::vector<uint8_t>>;
   // The packed form of constant canonical weights `data` ([N, K] at `bits` = 4 or 8).
   Packed get(const KernelTable* kt, const void* data, int bits, int N, int K);
+  // Advises the OS that the pages wholly inside [data, data + bytes) are no longer needed.
+  static void release_pages(const void* data, size_t bytes);
 
  private:
   std::mutex mutex_;
@@ -39,6 +42,10 @@ struct NodeCtx {
   abi::TfLiteContext* ctx = nullptr;
   const KernelTable* kt = nullptr;
   PackCache* packs = nullptr;
+  // The delegate's thread pool and the threads this node may use (fixed at Prepare: the
+  // delegate option num_threads, else the interpreter's thread count; scratch is sized for it).
+  ThreadPool* pool = nullptr;
+  int threads = 1;
   int node_index = -1;
   std::string op;
   std::vector<int> inputs, outputs;

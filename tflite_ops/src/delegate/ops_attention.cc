@@ -53,6 +53,15 @@ bool read_length(NodeCtx& n, size_t input, int T, int s_cap, int* S) {
 // masked. Every entry is computed by the same formula either way (bit-identical results).
 constexpr int kBlock = 16;
 
+// Threads: prefill splits into (query head, block of kBlock queries) tiles, each with its own
+// scratch per worker; decode splits QK into (kv head, range of positions) tiles and PV into
+// query heads. Below kMinParallelMacs an op stays on the calling thread (the hand-off costs
+// about a microsecond). Every output is computed by the same kernel formula either way.
+constexpr int64_t kMinParallelMacs = int64_t{1} << 15;
+constexpr int kMinPositions = 64;  // per decode QK tile
+
+inline bool use_threads(const NodeCtx& n, int64_t macs) { return n.threads > 1 && macs >= kMinParallelMacs; }
+
 size_t cache_row_bytes(int kv_bits, int D) {
   return kv_bits == 4 ? static_cast<size_t>(D + 1) / 2 : static_cast<size_t>(D);
 }
@@ -108,7 +117,9 @@ class AttnQKOp : public OpKernel {
                      format("[H=%d, T=%d, S_cap=%d]", H_, T_, s_cap_)) != kTfLiteOk) {
       return kTfLiteError;
     }
-    if (T_ > 1) block_.resize(static_cast<size_t>(kBlock) * s_cap_);
+    // Per worker: a block of kBlock rows (prefill) or one kv head's rows of scores (decode).
+    block_stride_ = static_cast<size_t>(T_ > 1 ? kBlock : H_ / hkv_) * s_cap_;
+    block_.resize(block_stride_ * (T_ > 1 ? n.threads : n.threads > 1 ? n.threads : 0));
     if (q_layout_) q_hd_.resize(static_cast<size_t>(H_) * T_ * D_);
     return kTfLiteOk;
   }
@@ -131,6 +142,7 @@ class AttnQKOp : public OpKernel {
     if (!read_length(n, 4, T_, s_cap_, &S)) return kTfLiteError;
     float* out = static_cast<float*>(n.output(0)->data);
     if (T_ > 1) return invoke_causal_blocks(n, S, out);
+    if (use_threads(n, int64_t{H_} * S * D_)) return invoke_decode_tiles(n, S, out);
     n.kt->attn_qk(q_heads(n),
                   static_cast<const float*>(n.input(1)->data), H_, T_, D_, n.input(2)->data,
                   kv_bits_, static_cast<const float*>(n.input(3)->data), hkv_, S, s_cap_, out);
@@ -147,36 +159,86 @@ class AttnQKOp : public OpKernel {
   }
 
  private:
+  // One invoke's inputs, as the tile tasks read them.
+  struct Job {
+    AttnQKOp* op;
+    const KernelTable* kt;
+    const int8_t* q;
+    const float *qs, *ks;
+    const uint8_t* k;
+    float* out;
+    int S, blocks, chunk, chunks;
+  };
+
+  size_t kv_head_bytes() const { return static_cast<size_t>(s_cap_) * cache_row_bytes(kv_bits_, D_); }
+
   // Query t of block [t0, t0+tn) sees s < S-T+t+1; the block is computed up to its last query's
-  // horizon S-T+t0+tn into block_ ([tn][horizon]), then copied out with the -inf tail.
-  TfLiteStatus invoke_causal_blocks(NodeCtx& n, int S, float* out) {
+  // horizon S-T+t0+tn into the worker's block ([tn][horizon]), then copied out with the -inf
+  // tail. Task = (head, block).
+  static void causal_block_task(void* ctx, int task, int worker) {
+    const Job& j = *static_cast<const Job*>(ctx);
+    AttnQKOp& o = *j.op;
     const float neg_inf = -std::numeric_limits<float>::infinity();
-    const int group = H_ / hkv_;
-    const int8_t* q = q_heads(n);
-    const float* qs = static_cast<const float*>(n.input(1)->data);
-    const uint8_t* k = static_cast<const uint8_t*>(n.input(2)->data);
-    const float* ks = static_cast<const float*>(n.input(3)->data);
-    const size_t kv_head = static_cast<size_t>(s_cap_) * cache_row_bytes(kv_bits_, D_);
-    for (int h = 0; h < H_; ++h) {
-      const uint8_t* kg = k + static_cast<size_t>(h / group) * kv_head;
-      for (int t0 = 0; t0 < T_; t0 += kBlock) {
-        const int tn = std::min(kBlock, T_ - t0);
-        const int horizon = S - T_ + t0 + tn;
-        n.kt->attn_qk(q + (static_cast<size_t>(h) * T_ + t0) * D_, qs + t0, 1, tn, D_, kg,
-                      kv_bits_, ks, 1, horizon, s_cap_, block_.data());
-        for (int i = 0; i < tn; ++i) {
-          const int visible = horizon - tn + i + 1;
-          float* o = out + (static_cast<size_t>(h) * T_ + t0 + i) * s_cap_;
-          std::memcpy(o, block_.data() + static_cast<size_t>(i) * horizon, sizeof(float) * visible);
-          for (int s = visible; s < s_cap_; ++s) o[s] = neg_inf;
-        }
+    const int h = task / j.blocks, t0 = (task % j.blocks) * kBlock;
+    const int tn = std::min(kBlock, o.T_ - t0);
+    const int horizon = j.S - o.T_ + t0 + tn;
+    float* block = o.block_.data() + static_cast<size_t>(worker) * o.block_stride_;
+    const uint8_t* kg = j.k + static_cast<size_t>(h / (o.H_ / o.hkv_)) * o.kv_head_bytes();
+    j.kt->attn_qk(j.q + (static_cast<size_t>(h) * o.T_ + t0) * o.D_, j.qs + t0, 1, tn, o.D_, kg, o.kv_bits_, j.ks, 1,
+                  horizon, o.s_cap_, block);
+    for (int i = 0; i < tn; ++i) {
+      const int visible = horizon - tn + i + 1;
+      float* row = j.out + (static_cast<size_t>(h) * o.T_ + t0 + i) * o.s_cap_;
+      std::memcpy(row, block + static_cast<size_t>(i) * horizon, sizeof(float) * visible);
+      for (int s = visible; s < o.s_cap_; ++s) row[s] = neg_inf;
+    }
+  }
+
+  TfLiteStatus invoke_causal_blocks(NodeCtx& n, int S, float* out) {
+    Job j{this, n.kt, q_heads(n), static_cast<const float*>(n.input(1)->data),
+          static_cast<const float*>(n.input(3)->data), static_cast<const uint8_t*>(n.input(2)->data), out, S,
+          (T_ + kBlock - 1) / kBlock, 0, 0};
+    const int64_t macs = int64_t{H_} * T_ * S * D_ / 2;
+    parallel_run(n.pool, use_threads(n, macs) ? n.threads : 1, H_ * j.blocks, causal_block_task, &j);
+    return kTfLiteOk;
+  }
+
+  // Decode (T = 1) on several threads: task = (kv head g, positions [s0, s1)), the group's query
+  // heads at once (their rows are contiguous in q), scores into the worker's block, then copied
+  // to their place; the tile that ends at S also writes the -inf tail.
+  static void decode_task(void* ctx, int task, int worker) {
+    const Job& j = *static_cast<const Job*>(ctx);
+    AttnQKOp& o = *j.op;
+    const int group = o.H_ / o.hkv_, g = task / j.chunks;
+    const int s0 = (task % j.chunks) * j.chunk, s1 = std::min(j.S, s0 + j.chunk), sn = s1 - s0;
+    float* block = o.block_.data() + static_cast<size_t>(worker) * o.block_stride_;
+    const uint8_t* kg = j.k + static_cast<size_t>(g) * o.kv_head_bytes() + static_cast<size_t>(s0) *
+                                                                           cache_row_bytes(o.kv_bits_, o.D_);
+    j.kt->attn_qk(j.q + static_cast<size_t>(g) * group * o.D_, j.qs, group, 1, o.D_, kg, o.kv_bits_, j.ks + s0, 1, sn,
+                  o.s_cap_, block);
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int i = 0; i < group; ++i) {
+      float* row = j.out + static_cast<size_t>(g * group + i) * o.s_cap_;
+      std::memcpy(row + s0, block + static_cast<size_t>(i) * sn, sizeof(float) * sn);
+      if (s1 == j.S) {
+        for (int s = j.S; s < o.s_cap_; ++s) row[s] = neg_inf;
       }
     }
+  }
+
+  TfLiteStatus invoke_decode_tiles(NodeCtx& n, int S, float* out) {
+    const int want = (4 * n.threads + hkv_ - 1) / hkv_;  // ~4 tiles per thread
+    const int chunk = std::max(kMinPositions, (S + want - 1) / want);
+    Job j{this, n.kt, q_heads(n), static_cast<const float*>(n.input(1)->data),
+          static_cast<const float*>(n.input(3)->data), static_cast<const uint8_t*>(n.input(2)->data), out, S, 0,
+          chunk, (S + chunk - 1) / chunk};
+    parallel_run(n.pool, n.threads, hkv_ * j.chunks, decode_task, &j);
     return kTfLiteOk;
   }
 
   int kv_bits_ = 0, d_attr_ = 0, q_layout_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
-  std::vector<float> block_;
+  size_t block_stride_ = 0;
+  std::vector<float> block_;  // per worker, block_stride_ floats each
   std::vector<int8_t> q_hd_;
 };
 
@@ -247,7 +309,9 @@ class AttnPVOp : public OpKernel {
     }
     // Decode: the H rows of S codes the kernel reads. Prefill: one block of kBlock rows (the
     // codes of float probabilities are made a block at a time, so no [H, T, S_cap] copy).
-    dense_.resize(static_cast<size_t>(T_ > 1 ? std::min(kBlock, T_) : H_) * s_cap_);
+    // (Prefill: one block per worker.)
+    dense_stride_ = static_cast<size_t>(T_ > 1 ? std::min(kBlock, T_) : H_) * s_cap_;
+    dense_.resize(dense_stride_ * (T_ > 1 ? n.threads : 1));
     // p_mode=1 writes the row scales straight into output 1 when it has memory (the runtime
     // gives an output nothing consumes none) and here otherwise.
     if (p_mode_) ps_rows_.resize(static_cast<size_t>(H_) * T_);
@@ -272,6 +336,7 @@ class AttnPVOp : public OpKernel {
       std::fill(ps_out, ps_out + static_cast<size_t>(H_) * T_, rows.ps);
     }
     if (T_ > 1) return invoke_blocks(n, S, rows);
+    if (use_threads(n, int64_t{H_} * S * D_)) return invoke_decode_heads(n, S, rows);
     // The kernel reads rows of S codes; make them (float in) or compact the [.., S_cap] rows.
     const uint8_t* p = static_cast<const uint8_t*>(n.input(0)->data);
     if (p_max_) {
@@ -299,68 +364,108 @@ class AttnPVOp : public OpKernel {
   // p_max > 0: codes of float probability rows [r0, r0 + count) (op 4p: clamp(round_half_even(
   // p / scale), 0, p_max), the scale p_scale or, with p_mode=1, the row's max / p_max, written
   // to rows.ps_rows), S per row into `codes`; positions s >= S are not read.
-  void quantize(NodeCtx& n, int r0, int count, int S, const Rows& rows, uint8_t* codes) {
+  void quantize(const NodeCtx& n, int r0, int count, int S, const Rows& rows, uint8_t* codes) const {
     const float* p = static_cast<const float*>(n.input(0)->data) + static_cast<size_t>(r0) * s_cap_;
     n.kt->quantize_probs(p, count, S, s_cap_, p_max_, p_mode_ ? nullptr : &rows.ps, codes, S,
                          p_mode_ ? rows.ps_rows + r0 : nullptr);
   }
 
-  // Per query head and block of kBlock queries, over positions up to the block's last nonzero
-  // probability code (a zero code adds nothing to either accumulator: exact for any P; after a
-  // causal softmax that is the block's causal horizon).
-  TfLiteStatus invoke_blocks(NodeCtx& n, int S, const Rows& rows) {
-    const int group = H_ / hkv_;
-    const uint8_t* v = static_cast<const uint8_t*>(n.input(2)->data);
-    const float* vs = static_cast<const float*>(n.input(4)->data);
-    float* out = static_cast<float*>(n.output(0)->data);
-    const size_t kv_head = static_cast<size_t>(s_cap_) * cache_row_bytes(kv_bits_, D_);
-    uint8_t* block = dense_.data();
-    for (int h = 0; h < H_; ++h) {
-      const uint8_t* vg = v + static_cast<size_t>(h / group) * kv_head;
-      for (int t0 = 0; t0 < T_; t0 += kBlock) {
-        const int tn = std::min(kBlock, T_ - t0), r0 = h * T_ + t0;
-        // The block's code rows: float probabilities are quantized into `block` (stride S),
-        // uint8 codes are read where they are (stride S_cap).
-        const uint8_t* src;
-        size_t ld;
-        if (p_max_) {
-          quantize(n, r0, tn, S, rows, block);
-          src = block;
-          ld = S;
-        } else {
-          src = static_cast<const uint8_t*>(n.input(0)->data) + static_cast<size_t>(r0) * s_cap_;
-          ld = s_cap_;
+  size_t kv_head_bytes() const { return static_cast<size_t>(s_cap_) * cache_row_bytes(kv_bits_, D_); }
+
+  // One invoke's inputs, as the tile tasks read them.
+  struct Job {
+    AttnPVOp* op;
+    const NodeCtx* n;
+    int S, blocks;
+    Rows rows;
+    const uint8_t* v;
+    const float* vs;
+    float* out;
+  };
+
+  // Per query head and block of kBlock queries (task = (head, block)), over positions up to the
+  // block's last nonzero probability code (a zero code adds nothing to either accumulator:
+  // exact for any P; after a causal softmax that is the block's causal horizon), in the
+  // worker's scratch block.
+  static void block_task(void* ctx, int task, int worker) {
+    const Job& j = *static_cast<const Job*>(ctx);
+    AttnPVOp& o = *j.op;
+    const NodeCtx& n = *j.n;
+    const int S = j.S, h = task / j.blocks, t0 = (task % j.blocks) * kBlock;
+    const int tn = std::min(kBlock, o.T_ - t0), r0 = h * o.T_ + t0;
+    uint8_t* block = o.dense_.data() + static_cast<size_t>(worker) * o.dense_stride_;
+    // The block's code rows: float probabilities are quantized into `block` (stride S), uint8
+    // codes are read where they are (stride S_cap).
+    const uint8_t* src;
+    size_t ld;
+    if (o.p_max_) {
+      o.quantize(n, r0, tn, S, j.rows, block);
+      src = block;
+      ld = S;
+    } else {
+      src = static_cast<const uint8_t*>(n.input(0)->data) + static_cast<size_t>(r0) * o.s_cap_;
+      ld = o.s_cap_;
+    }
+    int horizon = 1;
+    for (int i = 0; i < tn; ++i) {
+      const uint8_t* r = src + i * ld;
+      int s = S;
+      for (uint64_t w; s - 8 >= horizon; s -= 8) {  // trailing zero codes, 8 at a time
+        std::memcpy(&w, r + s - 8, 8);
+        if (w) break;
+      }
+      for (; s > horizon; --s) {
+        if (r[s - 1]) {
+          horizon = s;
+          break;
         }
-        int horizon = 1;
-        for (int i = 0; i < tn; ++i) {
-          const uint8_t* r = src + i * ld;
-          int s = S;
-          for (uint64_t w; s - 8 >= horizon; s -= 8) {  // trailing zero codes, 8 at a time
-            std::memcpy(&w, r + s - 8, 8);
-            if (w) break;
-          }
-          for (; s > horizon; --s) {
-            if (r[s - 1]) {
-              horizon = s;
-              break;
-            }
-          }
-        }
-        // Rows of `horizon` codes. In place when src is `block`: row i moves down from i * S to
-        // i * horizon, below every row still to be moved.
-        for (int i = 0; i < tn; ++i) {
-          std::memmove(block + static_cast<size_t>(i) * horizon, src + i * ld, horizon);
-        }
-        n.kt->attn_pv(block, rows.ps, rows.ps_rows ? rows.ps_rows + r0 : nullptr, 1, tn, horizon,
-                      vg, kv_bits_, rowbits_.data(), vs, 1, s_cap_, D_,
-                      out + static_cast<size_t>(r0) * D_);
       }
     }
+    // Rows of `horizon` codes. In place when src is `block`: row i moves down from i * S to
+    // i * horizon, below every row still to be moved.
+    for (int i = 0; i < tn; ++i) {
+      std::memmove(block + static_cast<size_t>(i) * horizon, src + i * ld, horizon);
+    }
+    const uint8_t* vg = j.v + static_cast<size_t>(h / (o.H_ / o.hkv_)) * o.kv_head_bytes();
+    n.kt->attn_pv(block, j.rows.ps, j.rows.ps_rows ? j.rows.ps_rows + r0 : nullptr, 1, tn, horizon, vg, o.kv_bits_,
+                  o.rowbits_.data(), j.vs, 1, o.s_cap_, o.D_, j.out + static_cast<size_t>(r0) * o.D_);
+  }
+
+  TfLiteStatus invoke_blocks(NodeCtx& n, int S, const Rows& rows) {
+    Job j{this, &n, S, (T_ + kBlock - 1) / kBlock, rows, static_cast<const uint8_t*>(n.input(2)->data),
+          static_cast<const float*>(n.input(4)->data), static_cast<float*>(n.output(0)->data)};
+    const int64_t macs = int64_t{H_} * T_ * S * D_ / 2;
+    parallel_run(n.pool, use_threads(n, macs) ? n.threads : 1, H_ * j.blocks, block_task, &j);
+    return kTfLiteOk;
+  }
+
+  // Decode (T = 1) on several threads: one task per query head, its row of S codes made in its
+  // own part of dense_ ([H][S]).
+  static void decode_task(void* ctx, int h, int) {
+    const Job& j = *static_cast<const Job*>(ctx);
+    AttnPVOp& o = *j.op;
+    const NodeCtx& n = *j.n;
+    uint8_t* row = o.dense_.data() + static_cast<size_t>(h) * j.S;
+    if (o.p_max_) {
+      o.quantize(n, h, 1, j.S, j.rows, row);
+    } else {
+      std::memcpy(row, static_cast<const uint8_t*>(n.input(0)->data) + static_cast<size_t>(h) * o.s_cap_, j.S);
+    }
+    const uint8_t* vg = j.v + static_cast<size_t>(h / (o.H_ / o.hkv_)) * o.kv_head_bytes();
+    n.kt->attn_pv(row, j.rows.ps, j.rows.ps_rows ? j.rows.ps_rows + h : nullptr, 1, 1, j.S, vg, o.kv_bits_,
+                  o.rowbits_.data(), j.vs, 1, o.s_cap_, o.D_, j.out + static_cast<size_t>(h) * o.D_);
+  }
+
+  TfLiteStatus invoke_decode_heads(NodeCtx& n, int S, const Rows& rows) {
+    Job j{this, &n, S, 0, rows, static_cast<const uint8_t*>(n.input(2)->data),
+          static_cast<const float*>(n.input(4)->data), static_cast<float*>(n.output(0)->data)};
+    parallel_run(n.pool, n.threads, H_, decode_task, &j);
     return kTfLiteOk;
   }
 
   int kv_bits_ = 0, p_max_ = 0, p_mode_ = 0, H_ = 0, T_ = 0, D_ = 0, hkv_ = 0, s_cap_ = 0;
-  std::vector<uint8_t> dense_, rowbits_;
+  size_t dense_stride_ = 0;
+  std::vector<uint8_t> dense_, rowbits_;  // dense_: [H][S] codes (decode), a block per worker (prefill)
   std::vector<float> ps_rows_;
 };
 

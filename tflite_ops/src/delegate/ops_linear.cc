@@ -1,5 +1,8 @@
 // TFQAT_QUANTIZE, TFQAT_SELECT_BITS and TFQAT_QLINEAR (contract: tflite_ops/OPS.md). Scratch is
 // sized in Prepare so Invoke never allocates.
+#include <algorithm>
+#include <cstdint>
+
 #include "op_util.h"
 
 namespace tfqat {
@@ -12,6 +15,37 @@ using abi::kTfLiteError;
 using abi::kTfLiteOk;
 
 namespace {
+
+// quantize_rows over row blocks of at least kRowBlock rows, split over the node's threads (each
+// row has its own scale, so any split gives the same codes).
+constexpr int kRowBlock = 32;
+
+struct QuantizeJob {
+  const KernelTable* kt;
+  const float* x;
+  int T, K, block;
+  const uint8_t* bits;
+  const float* static_scales;
+  int8_t* codes;
+  float* scales;
+};
+
+void quantize_block(const QuantizeJob& j, int t0, int t1) {
+  const size_t off = static_cast<size_t>(t0) * j.K;
+  j.kt->quantize_rows(j.x + off, t1 - t0, j.K, j.bits + t0, j.static_scales, j.codes + off, j.scales + t0);
+}
+
+void quantize_task(void* ctx, int task, int) {
+  const QuantizeJob& j = *static_cast<const QuantizeJob*>(ctx);
+  const int t0 = task * j.block;
+  quantize_block(j, t0, std::min(j.T, t0 + j.block));
+}
+
+void quantize_parallel(const NodeCtx& n, QuantizeJob j) {
+  const int blocks = std::min(n.threads, std::max(1, j.T / kRowBlock));
+  j.block = (j.T + blocks - 1) / blocks;
+  parallel_run(n.pool, n.threads, blocks, quantize_task, &j);
+}
 
 // ---- TFQAT_QUANTIZE ------------------------------------------------------------------------
 // in: x f32 [T,K], bits i32 [T], scales f32 [2] (static; ignored/absent when dynamic)
@@ -63,8 +97,8 @@ class QuantizeOp : public OpKernel {
       scales_scratch_.resize(static_cast<size_t>(T_));
       scales_out = scales_scratch_.data();
     }
-    n.kt->quantize_rows(static_cast<const float*>(n.input(0)->data), T_, K_, bits_.data(), scales,
-                        codes, scales_out);
+    quantize_parallel(n, {n.kt, static_cast<const float*>(n.input(0)->data), T_, K_, 0, bits_.data(), scales,
+                          codes, scales_out});
     return kTfLiteOk;
   }
 
@@ -200,16 +234,28 @@ class QLinearOp : public OpKernel {
     ws_gn_.resize(static_cast<size_t>(ng) * N_);
     constant_ws_ = is_constant(n.input(4));
     if (group_size_ && constant_ws_) transpose_scales(n);
-    // Weights from the model file are packed once and shared across nodes; weights computed in
-    // Prepare (persistent read-only) are packed here; graph inputs at every Invoke.
+    // The tiles for the node's threads and their scratch (QLinearArgs::work, 64-byte aligned).
+    tiling_ = qlinear_tiling(*n.kt, T_, K_, N_, n.threads);
+    work_.resize(n.kt->qlinear_work_size(T_, K_, w_bits_, group_size_) + 64);
+    // Weights from the model file: used in place when the table's layout is the canonical one
+    // (ref), else packed once and shared across nodes (PackCache, which also releases the
+    // file's pages once they are packed); weights computed in Prepare (persistent read-only)
+    // are packed here; graph inputs at every Invoke.
     shared_.reset();
     own_.clear();
+    w_ = nullptr;
     constant_w_ = is_constant(w);
     if (w->allocation_type == abi::kTfLiteMmapRo) {
-      shared_ = n.packs->get(n.kt, w->data, w_bits_, N_, K_);
+      if (n.kt->packs_canonical) {
+        w_ = w->data;
+      } else {
+        shared_ = n.packs->get(n.kt, w->data, w_bits_, N_, K_);
+        w_ = shared_->data();
+      }
       return kTfLiteOk;
     }
     own_.resize(w_bits_ == 4 ? n.kt->w4_packed_size(N_, K_) : n.kt->w8_packed_size(N_, K_));
+    w_ = own_.data();
     if (constant_w_) pack_own(n);
     return kTfLiteOk;
   }
@@ -221,22 +267,31 @@ class QLinearOp : public OpKernel {
       return n.fail(format("bits[%d] = %d; must be 4 or 8", bad, bits[bad]));
     }
     if (!constant_w_) pack_own(n);
-    const float* act = act_mode_ == 0 ? static_cast<const float*>(n.input(2)->data) : nullptr;
-    n.kt->quantize_rows(static_cast<const float*>(n.input(0)->data), T_, K_, bits_.data(), act,
-                        codes_.data(), xs_.data());
+    if (group_size_ && !constant_ws_) transpose_scales(n);
     const TfLiteTensor* bias = n.input(5);
-    const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
-    const void* w = shared_ ? shared_->data() : own_.data();
-    float* y = static_cast<float*>(n.output(0)->data);
-    if (group_size_) {
-      if (!constant_ws_) transpose_scales(n);
-      (w_bits_ == 4 ? n.kt->qlinear_w4_grouped : n.kt->qlinear_w8_grouped)(
-          codes_.data(), xs_.data(), bits_.data(), T_, K_, w, group_size_, ws_gn_.data(), b, N_, y);
-      return kTfLiteOk;
-    }
-    (w_bits_ == 4 ? n.kt->qlinear_w4 : n.kt->qlinear_w8)(
-        codes_.data(), xs_.data(), bits_.data(), T_, K_, w,
-        static_cast<const float*>(n.input(4)->data), b, N_, y);
+    QLinearArgs a;
+    a.w_bits = w_bits_;
+    a.group_size = group_size_;
+    a.x = codes_.data();
+    a.xs = xs_.data();
+    a.bits = bits_.data();
+    a.T = T_;
+    a.K = K_;
+    a.N = N_;
+    a.w_packed = w_;
+    a.ws = group_size_ ? nullptr : static_cast<const float*>(n.input(4)->data);
+    a.ws_gn = group_size_ ? ws_gn_.data() : nullptr;
+    a.bias = bias ? static_cast<const float*>(bias->data) : nullptr;
+    a.y = static_cast<float*>(n.output(0)->data);
+    const uintptr_t p = reinterpret_cast<uintptr_t>(work_.data());
+    a.work = work_.data() + (64 - p % 64) % 64;
+    // Each token block is quantized and then prepared for the tiles by the same thread.
+    QuantizeJob q{n.kt, static_cast<const float*>(n.input(0)->data), T_, K_, 0, bits_.data(),
+                  act_mode_ == 0 ? static_cast<const float*>(n.input(2)->data) : nullptr, codes_.data(),
+                  xs_.data()};
+    qlinear_run(*n.kt, a, tiling_, n.pool, n.threads,
+                [](void* ctx, int t0, int t1) { quantize_block(*static_cast<const QuantizeJob*>(ctx), t0, t1); },
+                &q);
     return kTfLiteOk;
   }
 
@@ -256,8 +311,11 @@ class QLinearOp : public OpKernel {
   int w_bits_ = 0, k_attr_ = 0, act_mode_ = 0, group_size_ = 0, T_ = 0, K_ = 0, N_ = 0;
   bool constant_w_ = false, constant_ws_ = false;
   std::vector<float> ws_gn_;  // group-wise scales, group-major (kernels.h op 3g)
-  PackCache::Packed shared_;   // weights from the model file
+  const void* w_ = nullptr;    // the weights the kernels read: one of the three below
+  PackCache::Packed shared_;   // packed weights from the model file
   std::vector<uint8_t> own_;   // any other weights
+  QLinearTiling tiling_{1, 1};
+  std::vector<uint8_t> work_;  // QLinearArgs::work (+ room to align it)
   std::vector<int8_t> codes_;
   std::vector<float> xs_;
   std::vector<uint8_t> bits_;

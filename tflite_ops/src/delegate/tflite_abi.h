@@ -160,6 +160,9 @@ struct TfLiteContext {
                                                         TfLiteRegistration registration,
                                                         const TfLiteIntArray* nodes_to_replace,
                                                         TfLiteDelegate* delegate);
+  // The interpreter's thread count (Interpreter(num_threads=...), benchmark_model
+  // --num_threads, Interpreter.Options.setNumThreads); -1 when the application left it unset.
+  int recommended_num_threads;
 };
 
 struct TfLiteDelegate {
@@ -198,6 +201,8 @@ static_assert(offsetof(TfLiteContext, GetNodeAndRegistration) == 56, "TfLiteCont
 static_assert(offsetof(TfLiteContext, ReplaceNodeSubsetsWithDelegateKernels) == 64,
               "TfLiteContext::ReplaceNodeSubsetsWithDelegateKernels");
 static_assert(offsetof(TfLiteContext, ResizeTensor) == 32, "TfLiteContext::ResizeTensor");
+static_assert(offsetof(TfLiteContext, recommended_num_threads) == 72,
+              "TfLiteContext::recommended_num_threads");
 static_assert(offsetof(TfLiteDelegate, flags) == 40, "TfLiteDelegate::flags");
 static_assert(sizeof(TfLiteDelegate) == 56, "TfLiteDelegate is allocated by us");
 

@@ -22,75 +22,72 @@ inline float epilogue(int32_t acc, float xs, float ws, const float* bias, int n)
   const float y = static_cast<float>(acc) * (xs * ws);
   return bias ? y + bias[n] : y;
 }
+
+// Weight k of output channel n, in either canonical layout.
+inline int weight_at(const QLinearArgs& a, int n, int k) {
+  if (a.w_bits == 4) {
+    return int4_at(static_cast<const uint8_t*>(a.w_packed) + static_cast<size_t>(n) * ((a.K + 1) / 2), k);
+  }
+  return static_cast<const int8_t*>(a.w_packed)[static_cast<size_t>(n) * a.K + k];
+}
 }  // namespace
 
-void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                const void* w_packed, const float* ws, const float* bias, int N, float* y) {
-  const uint8_t* w = static_cast<const uint8_t*>(w_packed);
-  const size_t stride = static_cast<size_t>((K + 1) / 2);
-  for (int t = 0; t < T; ++t) {
-    const int8_t* xr = x + static_cast<size_t>(t) * K;
-    for (int n = 0; n < N; ++n) {
-      const uint8_t* wr = w + n * stride;
-      int32_t acc = 0;
-      for (int k = 0; k < K; ++k) acc += xr[k] * int4_at(wr, k);
-      y[static_cast<size_t>(t) * N + n] = epilogue(acc, xs[t], ws[n], bias, n);
-    }
-  }
-}
+// The reference works on the caller's codes and canonical weights directly.
+size_t qlinear_work_size(int, int, int, int) { return 0; }
+void qlinear_prepare(const QLinearArgs&, int, int) {}
 
-void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                const void* w_packed, const float* ws, const float* bias, int N, float* y) {
-  const int8_t* w = static_cast<const int8_t*>(w_packed);
-  for (int t = 0; t < T; ++t) {
-    const int8_t* xr = x + static_cast<size_t>(t) * K;
-    for (int n = 0; n < N; ++n) {
-      const int8_t* wr = w + static_cast<size_t>(n) * K;
-      int32_t acc = 0;
-      for (int k = 0; k < K; ++k) acc += xr[k] * wr[k];
-      y[static_cast<size_t>(t) * N + n] = epilogue(acc, xs[t], ws[n], bias, n);
-    }
-  }
-}
-
-// Op 3g: one int32 sum per group, then the float sum over groups in group order (kernels.h).
-namespace {
-template <typename WeightAt>
-void qlinear_grouped(const int8_t* x, const float* xs, int T, int K, int G, const float* ws_gn,
-                     const float* bias, int N, float* y, WeightAt w_at) {
-  const int ng = (K + G - 1) / G;
-  for (int t = 0; t < T; ++t) {
-    const int8_t* xr = x + static_cast<size_t>(t) * K;
-    for (int n = 0; n < N; ++n) {
+// Op 3: one int32 sum, then (float)acc * (xs * ws) [+ bias]. Op 3g: one int32 sum per group,
+// then the float sum over groups in group order, * xs, [+ bias] (kernels.h).
+void qlinear_tile(const QLinearArgs& a, int t0, int t1, int n0, int n1) {
+  const int K = a.K, N = a.N, G = a.group_size;
+  const int ng = G ? (K + G - 1) / G : 0;
+  for (int t = t0; t < t1; ++t) {
+    const int8_t* xr = a.x + static_cast<size_t>(t) * K;
+    for (int n = n0; n < n1; ++n) {
+      float* out = a.y + static_cast<size_t>(t) * N + n;
+      if (!G) {
+        int32_t acc = 0;
+        for (int k = 0; k < K; ++k) acc += xr[k] * weight_at(a, n, k);
+        *out = epilogue(acc, a.xs[t], a.ws[n], a.bias, n);
+        continue;
+      }
       float s = 0.0f;
       for (int g = 0; g < ng; ++g) {
         const int k1 = (g + 1) * G < K ? (g + 1) * G : K;
         int32_t acc = 0;
-        for (int k = g * G; k < k1; ++k) acc += xr[k] * w_at(n, k);
-        s = s + static_cast<float>(acc) * ws_gn[static_cast<size_t>(g) * N + n];
+        for (int k = g * G; k < k1; ++k) acc += xr[k] * weight_at(a, n, k);
+        s = s + static_cast<float>(acc) * a.ws_gn[static_cast<size_t>(g) * N + n];
       }
-      const float v = s * xs[t];
-      y[static_cast<size_t>(t) * N + n] = bias ? v + bias[n] : v;
+      const float v = s * a.xs[t];
+      *out = a.bias ? v + a.bias[n] : v;
     }
   }
 }
+
+namespace {
+const QLinearTiles kTiles = {qlinear_work_size, qlinear_prepare, qlinear_tile};
 }  // namespace
 
-void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                        const void* w_packed, int group_size, const float* ws_gn,
-                        const float* bias, int N, float* y) {
-  const uint8_t* w = static_cast<const uint8_t*>(w_packed);
-  const size_t stride = static_cast<size_t>((K + 1) / 2);
-  qlinear_grouped(x, xs, T, K, group_size, ws_gn, bias, N, y,
-                  [&](int n, int k) { return int4_at(w + n * stride, k); });
+void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
+                const void* w_packed, const float* ws, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 4, 0, x, xs, bits, T, K, w_packed, ws, nullptr, bias, N, y);
 }
 
-void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
+void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
+                const void* w_packed, const float* ws, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 8, 0, x, xs, bits, T, K, w_packed, ws, nullptr, bias, N, y);
+}
+
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
                         const void* w_packed, int group_size, const float* ws_gn,
                         const float* bias, int N, float* y) {
-  const int8_t* w = static_cast<const int8_t*>(w_packed);
-  qlinear_grouped(x, xs, T, K, group_size, ws_gn, bias, N, y,
-                  [&](int n, int k) { return static_cast<int>(w[static_cast<size_t>(n) * K + k]); });
+  qlinear_whole(kTiles, 4, group_size, x, xs, bits, T, K, w_packed, nullptr, ws_gn, bias, N, y);
+}
+
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K,
+                        const void* w_packed, int group_size, const float* ws_gn,
+                        const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 8, group_size, x, xs, bits, T, K, w_packed, nullptr, ws_gn, bias, N, y);
 }
 
 namespace {

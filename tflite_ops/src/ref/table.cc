@@ -24,6 +24,7 @@ const KernelTable* table() {
       w8_packed_size,     w8_pack,         qlinear_w8,      qlinear_w4_grouped,
       qlinear_w8_grouped, attn_qk,         attn_pv,         quantize_probs,  f32_packed_size,
       f32_pack,           gemm_f32,        f16_packed_size, f16_pack,        gemm_f16,
+      1,                  qlinear_work_size, qlinear_prepare, qlinear_tile,  true,
   };
   return &kTable;
 }

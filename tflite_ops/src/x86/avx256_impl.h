@@ -133,26 +133,36 @@ void quantize_rows(const float* x, int T, int K, const uint8_t* bits, const floa
 }
 
 // ---- op 3 -------------------------------------------------------------------------------
-thread_local std::vector<int8_t> tl_x;
-thread_local std::vector<int32_t> tl_corr, tl_gcorr;
+// Op 3 / 3g work buffer (QLinearArgs::work): the zero-padded copy of x, [T][Kp] (optionally
+// xored), then int32 per token: factor * sum_k x (op 3) or -factor * sum_{k in g} x per group
+// (op 3g, [T][ng]: the accumulators' start).
+struct Work {
+  int8_t* xp;
+  int32_t* corr;
+};
+inline size_t x_bytes(int T, int Kp) { return (static_cast<size_t>(T) * Kp + 63) / 64 * 64; }
+inline Work work_of(const QLinearArgs& a) {
+  uint8_t* w = static_cast<uint8_t*>(a.work);
+  return {reinterpret_cast<int8_t*>(w), reinterpret_cast<int32_t*>(w + x_bytes(a.T, round_up(a.K, 8)))};
+}
 
-// Zero-padded copy of x ([T][Kp], xored with xor_mask) and factor * sum_k x per token.
-const int8_t* prepare_x(const int8_t* x, int T, int K, int Kp, uint8_t xor_mask, int factor, const int32_t** corr) {
-  int8_t* xp = scratch(tl_x, static_cast<size_t>(T) * Kp);
-  int32_t* c = scratch(tl_corr, static_cast<size_t>(T));
-  for (int t = 0; t < T; ++t) {
-    const int8_t* xr = x + static_cast<size_t>(t) * K;
-    int8_t* d = xp + static_cast<size_t>(t) * Kp;
-    int32_t sum = 0;
-    for (int k = 0; k < K; ++k) {
-      sum += xr[k];
-      d[k] = static_cast<int8_t>(xr[k] ^ static_cast<int8_t>(xor_mask));
-    }
-    for (int k = K; k < Kp; ++k) d[k] = static_cast<int8_t>(xor_mask);
-    c[t] = sum * factor;
+// One row of x into its zero-padded copy d ([Kp], xored with xor_mask); returns sum_k x.
+inline int32_t pad_row(const int8_t* xr, int K, int Kp, uint8_t xor_mask, int8_t* d) {
+  int32_t sum = 0;
+  for (int k = 0; k < K; ++k) {
+    sum += xr[k];
+    d[k] = static_cast<int8_t>(xr[k] ^ static_cast<int8_t>(xor_mask));
   }
-  *corr = c;
-  return xp;
+  for (int k = K; k < Kp; ++k) d[k] = static_cast<int8_t>(xor_mask);
+  return sum;
+}
+
+// Rows [t0, t1): the padded copy of x and factor * sum_k x per token.
+void prepare_x(const int8_t* x, int t0, int t1, int K, int Kp, uint8_t xor_mask, int factor, int8_t* xp,
+               int32_t* corr) {
+  for (int t = t0; t < t1; ++t) {
+    corr[t] = pad_row(x + static_cast<size_t>(t) * K, K, Kp, xor_mask, xp + static_cast<size_t>(t) * Kp) * factor;
+  }
 }
 
 // Group-wise scales (op 3g). A group of G k (a multiple of 32) is G / 8 packed W4 chunks or
@@ -165,16 +175,15 @@ struct Groups {
   const int32_t* corr;  // [T][ng]: the offset correction, -factor * sum_{k in g} x[t][k]
 };
 
-// Op 3g: the zero-padded copy of x (signed: both layouts put the weights on the unsigned side)
-// and -factor * sum_{k in g} x[t][k] per token and group (the accumulators' start).
-const int8_t* prepare_x_groups(const int8_t* x, int T, int K, int Kp, int G, int factor, const int32_t** corr) {
-  const int32_t* unused;
-  const int8_t* xp = prepare_x(x, T, K, Kp, 0, 0, &unused);
+// Op 3g, rows [t0, t1): the zero-padded copy of x (signed: both layouts put the weights on the
+// unsigned side) and -factor * sum_{k in g} x[t][k] per token and group.
+void prepare_x_groups(const int8_t* x, int t0, int t1, int K, int Kp, int G, int factor, int8_t* xp,
+                      int32_t* corr) {
   const int ng = (K + G - 1) / G;
-  int32_t* c = scratch(tl_gcorr, static_cast<size_t>(T) * ng);
   const __m256i ones = _mm256_set1_epi8(1);
-  for (int t = 0; t < T; ++t) {
-    const int8_t* r = xp + static_cast<size_t>(t) * Kp;
+  for (int t = t0; t < t1; ++t) {
+    int8_t* r = xp + static_cast<size_t>(t) * Kp;
+    pad_row(x + static_cast<size_t>(t) * K, K, Kp, 0, r);
     for (int g = 0; g < ng; ++g) {
       const int k1 = (g + 1) * G < K ? (g + 1) * G : K;
       int k = g * G;
@@ -184,11 +193,9 @@ const int8_t* prepare_x_groups(const int8_t* x, int T, int K, int Kp, int G, int
       }
       int32_t s = hsum(sum);
       for (; k < k1; ++k) s += r[k];
-      c[static_cast<size_t>(t) * ng + g] = -s * factor;
+      corr[static_cast<size_t>(t) * ng + g] = -s * factor;
     }
   }
-  *corr = c;
-  return xp;
 }
 
 // ws (or bias) for the channels [n, n + 8) of which `rem` (>= 1) exist; the rest read as 0.
@@ -332,52 +339,40 @@ inline void w4_run(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t*
   group_store<MR, NB>(s, t0, b0 * kNr, xs, bias, N, y);
 }
 
-// Full panels: T = 1 takes the whole panel per pass, otherwise MR x NB tiles over columns of NB
-// blocks (kPb % NB == 0); a partial panel goes block by block.
+// The rectangle one tile covers: tokens [t0, t1) x panels [p0, p1).
+struct Range {
+  int t0, t1, p0, p1;
+};
+
+// The tile's panels: one token takes the whole panel per pass, more go in MR x NB tiles over
+// columns of NB blocks (kPb % NB == 0); a partial panel goes block by block.
 template <int MR, int NB>
-void w4_panels(const int8_t* xp, const int32_t* corr, int T, int Kp, int Nb, const uint8_t* w, const Groups* gr,
-               const float* xs, const float* ws, const float* bias, int N, float* y) {
+void w4_panels(const int8_t* xp, const int32_t* corr, const Range& r, int Kp, int Nb, const uint8_t* w,
+               const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y) {
   static_assert(kPb % NB == 0, "columns of NB blocks tile a panel");
-  for (int p = 0; p * kPb < Nb; ++p) {
+  for (int p = r.p0; p < r.p1; ++p) {
     const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr / 2);
     const int b0 = p * kPb;
-    if (pn.pb == kPb && T == 1) {
-      w4_run<1, kPb>(xp, corr, Kp, w, pn, 0, 0, b0, gr, xs, ws, bias, N, y);
+    if (pn.pb == kPb && r.t1 - r.t0 == 1) {
+      w4_run<1, kPb>(xp, corr, Kp, w, pn, 0, r.t0, b0, gr, xs, ws, bias, N, y);
     } else if (pn.pb == kPb) {
       for (int jb = 0; jb < kPb; jb += NB) {
-        int t = 0;
-        for (; t + MR <= T; t += MR) w4_run<MR, NB>(xp, corr, Kp, w, pn, jb, t, b0 + jb, gr, xs, ws, bias, N, y);
-        for (; t < T; ++t) w4_run<1, NB>(xp, corr, Kp, w, pn, jb, t, b0 + jb, gr, xs, ws, bias, N, y);
+        int t = r.t0;
+        for (; t + MR <= r.t1; t += MR) w4_run<MR, NB>(xp, corr, Kp, w, pn, jb, t, b0 + jb, gr, xs, ws, bias, N, y);
+        for (; t < r.t1; ++t) w4_run<1, NB>(xp, corr, Kp, w, pn, jb, t, b0 + jb, gr, xs, ws, bias, N, y);
       }
     } else {
       for (int jb = 0; jb < pn.pb; ++jb) {
-        for (int t = 0; t < T; ++t) w4_run<1, 1>(xp, corr, Kp, w, pn, jb, t, b0 + jb, gr, xs, ws, bias, N, y);
+        for (int t = r.t0; t < r.t1; ++t) w4_run<1, 1>(xp, corr, Kp, w, pn, jb, t, b0 + jb, gr, xs, ws, bias, N, y);
       }
     }
   }
-}
-
-void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
-                const float* ws, const float* bias, int N, float* y) {
-  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
-  const int32_t* corr;
-  const int8_t* xp = prepare_x(x, T, K, Kp, 0, 8, &corr);
-  w4_panels<4, kPb>(xp, corr, T, Kp, Nb, payload(w_packed), nullptr, xs, ws, bias, N, y);
 }
 
 // Op 3g GEMM tiles: the float tile doubles the live registers (16 ymm in all). On AVX2 (emulated
 // dot) 4 x 16 / 4 x 8 and the other tiles tried (2 x 32, 3 x 16, 2 x 16) time the same within
 // noise at SmolLM2 shapes; AVX-VNNI was not at hand to tune on.
 constexpr int kGMr4 = 4, kGNb4 = 2, kGMr8 = 4, kGNb8 = 1;
-
-// W4 weights are w + 8 on the unsigned side: the offset is 8 * sum_{k in g} x per group.
-void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
-                        int group_size, const float* ws_gn, const float* bias, int N, float* y) {
-  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
-  Groups gr{group_size, (K + group_size - 1) / group_size, ws_gn, nullptr};
-  const int8_t* xp = prepare_x_groups(x, T, K, Kp, group_size, 8, &gr.corr);
-  w4_panels<kGMr4, kGNb4>(xp, nullptr, T, Kp, Nb, payload(w_packed), &gr, xs, nullptr, bias, N, y);
-}
 
 size_t w8_packed_size(int N, int K) {
   return kHeader + static_cast<size_t>(round_up(N, kNr)) * (round_up(K, 8) + sizeof(int32_t));
@@ -467,44 +462,88 @@ inline void w8_run(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, i
 }
 
 template <int MR, int NB>
-void w8_panels(const int8_t* xp, int T, int Kp, int Nb, const int8_t* w, const int32_t* wcorr, const Groups* gr,
-               const float* xs, const float* ws, const float* bias, int N, float* y) {
-  for (int p = 0; p * kPb < Nb; ++p) {
+void w8_panels(const int8_t* xp, const Range& r, int Kp, int Nb, const int8_t* w, const int32_t* wcorr,
+               const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y) {
+  for (int p = r.p0; p < r.p1; ++p) {
     const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr);
     const int b0 = p * kPb;
-    if (T == 1 && pn.pb == kPb) {
-      w8_run<1, kPb>(xp, Kp, w, pn, 0, wcorr, 0, b0, gr, xs, ws, bias, N, y);
+    if (r.t1 - r.t0 == 1 && pn.pb == kPb) {
+      w8_run<1, kPb>(xp, Kp, w, pn, 0, wcorr, r.t0, b0, gr, xs, ws, bias, N, y);
       continue;
     }
     int jb = 0;
     for (; jb + NB <= pn.pb; jb += NB) {
-      int t = 0;
-      for (; t + MR <= T; t += MR) w8_run<MR, NB>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, gr, xs, ws, bias, N, y);
-      for (; t < T; ++t) w8_run<1, NB>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, gr, xs, ws, bias, N, y);
+      int t = r.t0;
+      for (; t + MR <= r.t1; t += MR) w8_run<MR, NB>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, gr, xs, ws, bias, N, y);
+      for (; t < r.t1; ++t) w8_run<1, NB>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, gr, xs, ws, bias, N, y);
     }
     for (; jb < pn.pb; ++jb) {
-      for (int t = 0; t < T; ++t) w8_run<1, 1>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, gr, xs, ws, bias, N, y);
+      for (int t = r.t0; t < r.t1; ++t) w8_run<1, 1>(xp, Kp, w, pn, jb, wcorr, t, b0 + jb, gr, xs, ws, bias, N, y);
     }
   }
 }
 
-void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
-                const float* ws, const float* bias, int N, float* y) {
-  const int Kp = round_up(K, 8), Np = round_up(N, kNr), Nb = Np / kNr;
-  const int8_t* w = reinterpret_cast<const int8_t*>(payload(w_packed));
-  const int32_t* wcorr = reinterpret_cast<const int32_t*>(w + static_cast<size_t>(Np) * Kp);
-  const int32_t* unused;
-  const int8_t* xp = prepare_x(x, T, K, Kp, 0x80, 0, &unused);
-  w8_panels<kMr8, kNb8>(xp, T, Kp, Nb, w, wcorr, nullptr, xs, ws, bias, N, y);
+// ---- op 3 / 3g: the tile functions -----------------------------------------------------
+size_t qlinear_work_size(int T, int K, int /*w_bits*/, int group_size) {
+  const int ng = group_size ? (K + group_size - 1) / group_size : 1;
+  return x_bytes(T, round_up(K, 8)) + sizeof(int32_t) * static_cast<size_t>(T) * ng;
 }
 
-void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
+// W4 weights are w + 8 on the unsigned side: the offset is 8 * sum x (per group for op 3g). W8
+// (op 3) offsets x by 128 instead and takes back the packed 128 * sum_k w; op 3g W8 offsets the
+// weights, so its correction is 128 * sum_{k in g} x.
+void qlinear_prepare(const QLinearArgs& a, int t0, int t1) {
+  const Work wk = work_of(a);
+  const int Kp = round_up(a.K, 8);
+  if (a.group_size) {
+    prepare_x_groups(a.x, t0, t1, a.K, Kp, a.group_size, a.w_bits == 4 ? 8 : 128, wk.xp, wk.corr);
+  } else if (a.w_bits == 4) {
+    prepare_x(a.x, t0, t1, a.K, Kp, 0, 8, wk.xp, wk.corr);
+  } else {
+    prepare_x(a.x, t0, t1, a.K, Kp, 0x80, 0, wk.xp, wk.corr);
+  }
+}
+
+// Channels [n0, n1) are whole panels of kPb * kNr rows (qlinear_nr), the last one maybe partial.
+void qlinear_tile(const QLinearArgs& a, int t0, int t1, int n0, int n1) {
+  const Work wk = work_of(a);
+  const int Kp = round_up(a.K, 8), Np = round_up(a.N, kNr), Nb = Np / kNr, P = kPb * kNr;
+  const Range r{t0, t1, n0 / P, (n1 + P - 1) / P};
+  const uint8_t* w = payload(a.w_packed);
+  if (a.group_size) {
+    const Groups gr{a.group_size, (a.K + a.group_size - 1) / a.group_size, a.ws_gn, wk.corr};
+    if (a.w_bits == 4) {
+      w4_panels<kGMr4, kGNb4>(wk.xp, nullptr, r, Kp, Nb, w, &gr, a.xs, nullptr, a.bias, a.N, a.y);
+    } else {
+      w8_panels<kGMr8, kGNb8>(wk.xp, r, Kp, Nb, reinterpret_cast<const int8_t*>(w), nullptr, &gr, a.xs, nullptr,
+                              a.bias, a.N, a.y);
+    }
+  } else if (a.w_bits == 4) {
+    w4_panels<4, kPb>(wk.xp, wk.corr, r, Kp, Nb, w, nullptr, a.xs, a.ws, a.bias, a.N, a.y);
+  } else {
+    const int8_t* w8 = reinterpret_cast<const int8_t*>(w);
+    const int32_t* wcorr = reinterpret_cast<const int32_t*>(w8 + static_cast<size_t>(Np) * Kp);
+    w8_panels<kMr8, kNb8>(wk.xp, r, Kp, Nb, w8, wcorr, nullptr, a.xs, a.ws, a.bias, a.N, a.y);
+  }
+}
+
+const QLinearTiles kTiles = {qlinear_work_size, qlinear_prepare, qlinear_tile};
+
+void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                const float* ws, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 4, 0, x, xs, bits, T, K, w_packed, ws, nullptr, bias, N, y);
+}
+void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                const float* ws, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 8, 0, x, xs, bits, T, K, w_packed, ws, nullptr, bias, N, y);
+}
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
                         int group_size, const float* ws_gn, const float* bias, int N, float* y) {
-  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
-  Groups gr{group_size, (K + group_size - 1) / group_size, ws_gn, nullptr};
-  const int8_t* xp = prepare_x_groups(x, T, K, Kp, group_size, 128, &gr.corr);
-  w8_panels<kGMr8, kGNb8>(xp, T, Kp, Nb, reinterpret_cast<const int8_t*>(payload(w_packed)), nullptr, &gr, xs,
-                          nullptr, bias, N, y);
+  qlinear_whole(kTiles, 4, group_size, x, xs, bits, T, K, w_packed, nullptr, ws_gn, bias, N, y);
+}
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                        int group_size, const float* ws_gn, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 8, group_size, x, xs, bits, T, K, w_packed, nullptr, ws_gn, bias, N, y);
 }
 
 // ---- op 4 -------------------------------------------------------------------------------
@@ -763,7 +802,12 @@ KernelTable make_table(Isa isa) {
           gemm_f32,
           f16_packed_size,
           f16_pack,
-          gemm_f16};
+          gemm_f16,
+          kPb * kNr,
+          qlinear_work_size,
+          qlinear_prepare,
+          qlinear_tile,
+          false};
 }
 
 }  // namespace

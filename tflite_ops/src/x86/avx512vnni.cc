@@ -287,39 +287,48 @@ inline void w4_run(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t*
   group_store<MR, NB>(s, t0, b0 * kNr, xs, bias, N, y);
 }
 
-thread_local std::vector<int8_t> tl_x;
-thread_local std::vector<int32_t> tl_corr, tl_gcorr;
-
-// Zero-padded copy of x ([T][Kp], optionally xored) and per-token sum_k x * factor.
-const int8_t* prepare_x(const int8_t* x, int T, int K, int Kp, uint8_t xor_mask, int factor, int32_t** corr) {
-  int8_t* xp = scratch(tl_x, static_cast<size_t>(T) * Kp);
-  int32_t* c = scratch(tl_corr, static_cast<size_t>(T));
-  for (int t = 0; t < T; ++t) {
-    const int8_t* xr = x + static_cast<size_t>(t) * K;
-    int8_t* d = xp + static_cast<size_t>(t) * Kp;
-    __m512i sum = _mm512_setzero_si512();
-    const __m512i flip = _mm512_set1_epi8(static_cast<char>(xor_mask));
-    for (int k = 0; k < Kp; k += 64) {
-      const __mmask64 mk = tail64(K - k), mp = tail64(Kp - k);
-      const __m512i v = _mm512_maskz_loadu_epi8(mk, xr + k);
-      sum = _mm512_add_epi32(sum, _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), v));
-      _mm512_mask_storeu_epi8(d + k, mp, _mm512_xor_si512(v, flip));
-    }
-    c[t] = _mm512_reduce_add_epi32(sum) * factor;
-  }
-  *corr = c;
-  return xp;
+// Op 3 / 3g work buffer (QLinearArgs::work): the zero-padded copy of x, [T][Kp] (optionally
+// xored), then int32 per token: factor * sum_k x (op 3) or -factor * sum_{k in g} x per group
+// (op 3g, [T][ng]: the accumulators' start).
+struct Work {
+  int8_t* xp;
+  int32_t* corr;
+};
+inline size_t x_bytes(int T, int Kp) { return (static_cast<size_t>(T) * Kp + 63) / 64 * 64; }
+inline Work work_of(const QLinearArgs& a) {
+  uint8_t* w = static_cast<uint8_t*>(a.work);
+  return {reinterpret_cast<int8_t*>(w), reinterpret_cast<int32_t*>(w + x_bytes(a.T, round_up(a.K, 8)))};
 }
 
-// Op 3g: the zero-padded copy of x (signed: both layouts put the weights on the unsigned side)
-// and -factor * sum_{k in g} x[t][k] per token and group (the accumulators' start).
-const int8_t* prepare_x_groups(const int8_t* x, int T, int K, int Kp, int G, int factor, const int32_t** corr) {
-  int32_t* unused;
-  const int8_t* xp = prepare_x(x, T, K, Kp, 0, 0, &unused);
+// One row of x into its padded copy d ([Kp], xored with xor_mask); returns sum_k x.
+inline int32_t pad_row(const int8_t* xr, int K, int Kp, uint8_t xor_mask, int8_t* d) {
+  __m512i sum = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(xor_mask));
+  for (int k = 0; k < Kp; k += 64) {
+    const __mmask64 mk = tail64(K - k), mp = tail64(Kp - k);
+    const __m512i v = _mm512_maskz_loadu_epi8(mk, xr + k);
+    sum = _mm512_add_epi32(sum, _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), v));
+    _mm512_mask_storeu_epi8(d + k, mp, _mm512_xor_si512(v, flip));
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+
+// Rows [t0, t1): the padded copy of x (xored with xor_mask) and factor * sum_k x per token.
+void prepare_x(const int8_t* x, int t0, int t1, int K, int Kp, uint8_t xor_mask, int factor, int8_t* xp,
+               int32_t* corr) {
+  for (int t = t0; t < t1; ++t) {
+    corr[t] = pad_row(x + static_cast<size_t>(t) * K, K, Kp, xor_mask, xp + static_cast<size_t>(t) * Kp) * factor;
+  }
+}
+
+// Op 3g, rows [t0, t1): the padded copy of x (signed: both layouts put the weights on the
+// unsigned side) and -factor * sum_{k in g} x[t][k] per token and group.
+void prepare_x_groups(const int8_t* x, int t0, int t1, int K, int Kp, int G, int factor, int8_t* xp,
+                      int32_t* corr) {
   const int ng = (K + G - 1) / G;
-  int32_t* c = scratch(tl_gcorr, static_cast<size_t>(T) * ng);
   const __m512i ones = _mm512_set1_epi8(1);
-  for (int t = 0; t < T; ++t) {
+  for (int t = t0; t < t1; ++t) {
+    pad_row(x + static_cast<size_t>(t) * K, K, Kp, 0, xp + static_cast<size_t>(t) * Kp);
     const int8_t* r = xp + static_cast<size_t>(t) * Kp;
     for (int g = 0; g < ng; ++g) {
       const int k1 = std::min((g + 1) * G, Kp);
@@ -327,11 +336,9 @@ const int8_t* prepare_x_groups(const int8_t* x, int T, int K, int Kp, int G, int
       for (int k = g * G; k < k1; k += 64) {
         sum = _mm512_dpbusd_epi32(sum, ones, _mm512_maskz_loadu_epi8(tail64(k1 - k), r + k));
       }
-      c[static_cast<size_t>(t) * ng + g] = -_mm512_reduce_add_epi32(sum) * factor;
+      corr[static_cast<size_t>(t) * ng + g] = -_mm512_reduce_add_epi32(sum) * factor;
     }
   }
-  *corr = c;
-  return xp;
 }
 
 constexpr int kGemmMr = 4, kGemmNb = 4;
@@ -341,75 +348,62 @@ constexpr int kW8Mr = 4, kW8Nb = 4;  // W8 panels are twice the bytes: 2 blocks 
 // rows measured best for both (README "Group-wise scales").
 constexpr int kGGemmMr = 5, kGGemmNb = 2, kGW8Mr = 5, kGW8Nb = 2;
 
-// Tokens [0, T) against panel blocks [jb, jb + NB), MR tokens at a time.
+// The rectangle one tile covers: tokens [t0, t1) x panels [p0, p1).
+struct Range {
+  int t0, t1, p0, p1;
+};
+
+// Tokens [t0, t1) against panel blocks [jb, jb + NB), MR tokens at a time.
 // pf / pf_bytes: the next panel, prefetched into L2 a slice per token tile while this panel
 // runs from L1 (cold weights cost ~5-7% at T = 128 otherwise: each layer's weights come from L3
 // or DRAM once per call).
 template <int MR, int NB>
 inline void w4_cols(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w, const Panel& pn, int jb, int b0,
-                    int T, const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y,
-                    const uint8_t* pf = nullptr, size_t pf_bytes = 0) {
-  const size_t slice = pf ? (pf_bytes / (T / MR + 1) + 64) & ~size_t(63) : 0;
+                    int t0, int t1, const Groups* gr, const float* xs, const float* ws, const float* bias, int N,
+                    float* y, const uint8_t* pf = nullptr, size_t pf_bytes = 0) {
+  const size_t slice = pf ? (pf_bytes / ((t1 - t0) / MR + 1) + 64) & ~size_t(63) : 0;
   size_t done = 0;
-  int t = 0;
-  for (; t + MR <= T; t += MR) {
+  int t = t0;
+  for (; t + MR <= t1; t += MR) {
     for (size_t e = std::min(done + slice, pf_bytes); done < e; done += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(pf + done), _MM_HINT_T1);
     }
     w4_run<MR, NB>(xp, corr, Kp, w, pn, jb, t, b0, gr, xs, ws, bias, N, y);
   }
-  for (; t < T; ++t) w4_run<1, NB>(xp, corr, Kp, w, pn, jb, t, b0, gr, xs, ws, bias, N, y);
+  for (; t < t1; ++t) w4_run<1, NB>(xp, corr, Kp, w, pn, jb, t, b0, gr, xs, ws, bias, N, y);
 }
 
 // One token against a whole panel. Out of line so that its code does not depend on which GEMM
 // tile the caller instantiates (inlined, the op 3g GEMV timed 6.5 or 8 us at 576 x 1536 by the
 // caller's tile).
 __attribute__((noinline)) void w4_gemv(const int8_t* xp, const int32_t* corr, int Kp, const uint8_t* w,
-                                       const Panel& pn, int b0, const Groups* gr, const float* xs, const float* ws,
-                                       const float* bias, int N, float* y) {
-  w4_run<1, kPb>(xp, corr, Kp, w, pn, 0, 0, b0, gr, xs, ws, bias, N, y);
+                                       const Panel& pn, int t, int b0, const Groups* gr, const float* xs,
+                                       const float* ws, const float* bias, int N, float* y) {
+  w4_run<1, kPb>(xp, corr, Kp, w, pn, 0, t, b0, gr, xs, ws, bias, N, y);
 }
 
-// Panels in order; T = 1 takes a whole panel per pass, otherwise MR x NB tiles over columns of
-// NB blocks (the first column also prefetches the next panel).
+// The tile's panels in order; one token takes a whole panel per pass, more go in MR x NB tiles
+// over columns of NB blocks (the first column also prefetches the tile's next panel).
 template <int MR, int NB>
-void w4_panels(const int8_t* xp, const int32_t* corr, int T, int Kp, int Nb, const uint8_t* w, const Groups* gr,
-               const float* xs, const float* ws, const float* bias, int N, float* y) {
-  for (int p = 0; p * kPb < Nb; ++p) {
+void w4_panels(const int8_t* xp, const int32_t* corr, const Range& r, int Kp, int Nb, const uint8_t* w,
+               const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y) {
+  for (int p = r.p0; p < r.p1; ++p) {
     const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr / 2);
     const int b0 = p * kPb;
-    if (T == 1 && pn.pb == kPb) {
-      w4_gemv(xp, corr, Kp, w, pn, b0, gr, xs, ws, bias, N, y);
+    if (r.t1 - r.t0 == 1 && pn.pb == kPb) {
+      w4_gemv(xp, corr, Kp, w, pn, r.t0, b0, gr, xs, ws, bias, N, y);
       continue;
     }
     int jb = 0;
-    const bool next = (p + 1) * kPb < Nb && pn.pb == kPb && kPrefetchPanels;
+    const bool next = p + 1 < r.p1 && pn.pb == kPb && kPrefetchPanels;
     const Panel nx = panel_of(p + 1, Nb, static_cast<size_t>(Kp) * kNr / 2);
     const size_t nx_bytes = next ? static_cast<size_t>(Kp / 8) * nx.gstride : 0;
     for (; jb + NB <= pn.pb; jb += NB) {
-      w4_cols<MR, NB>(xp, corr, Kp, w, pn, jb, b0 + jb, T, gr, xs, ws, bias, N, y,
+      w4_cols<MR, NB>(xp, corr, Kp, w, pn, jb, b0 + jb, r.t0, r.t1, gr, xs, ws, bias, N, y,
                       next && jb == 0 ? w + nx.base : nullptr, nx_bytes);
     }
-    for (; jb < pn.pb; ++jb) w4_cols<MR, 1>(xp, corr, Kp, w, pn, jb, b0 + jb, T, gr, xs, ws, bias, N, y);
+    for (; jb < pn.pb; ++jb) w4_cols<MR, 1>(xp, corr, Kp, w, pn, jb, b0 + jb, r.t0, r.t1, gr, xs, ws, bias, N, y);
   }
-}
-
-void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
-                const float* ws, const float* bias, int N, float* y) {
-  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
-  int32_t* corr;
-  const int8_t* xp = prepare_x(x, T, K, Kp, 0, 8, &corr);
-  w4_panels<kGemmMr, kGemmNb>(xp, corr, T, Kp, Nb, payload(w_packed), nullptr, xs, ws, bias, N, y);
-}
-
-// W4 weights are w + 8 on the unsigned side: the offset is 8 * sum_{k in g} x per group.
-void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                        const void* w_packed, int group_size, const float* ws_gn, const float* bias, int N,
-                        float* y) {
-  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
-  Groups gr{group_size, (K + group_size - 1) / group_size, ws_gn, nullptr};
-  const int8_t* xp = prepare_x_groups(x, T, K, Kp, group_size, 8, &gr.corr);
-  w4_panels<kGGemmMr, kGGemmNb>(xp, nullptr, T, Kp, Nb, payload(w_packed), &gr, xs, nullptr, bias, N, y);
 }
 
 // ---- op 3: W8 ---------------------------------------------------------------------------
@@ -508,60 +502,103 @@ inline void w8_run(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, i
 
 template <int MR, int NB>
 inline void w8_cols(const int8_t* xp, int Kp, const int8_t* w, const Panel& pn, int jb, const int32_t* wcorr, int b0,
-                    int T, const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y,
-                    const int8_t* pf = nullptr, size_t pf_bytes = 0) {  // pf: as in w4_cols
-  const size_t slice = pf ? (pf_bytes / (T / MR + 1) + 64) & ~size_t(63) : 0;
+                    int t0, int t1, const Groups* gr, const float* xs, const float* ws, const float* bias, int N,
+                    float* y, const int8_t* pf = nullptr, size_t pf_bytes = 0) {  // pf: as in w4_cols
+  const size_t slice = pf ? (pf_bytes / ((t1 - t0) / MR + 1) + 64) & ~size_t(63) : 0;
   size_t done = 0;
-  int t = 0;
-  for (; t + MR <= T; t += MR) {
+  int t = t0;
+  for (; t + MR <= t1; t += MR) {
     for (size_t e = std::min(done + slice, pf_bytes); done < e; done += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(pf + done), _MM_HINT_T1);
     }
     w8_run<MR, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, gr, xs, ws, bias, N, y);
   }
-  for (; t < T; ++t) w8_run<1, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, gr, xs, ws, bias, N, y);
+  for (; t < t1; ++t) w8_run<1, NB>(xp, Kp, w, pn, jb, wcorr, t, b0, gr, xs, ws, bias, N, y);
 }
 
 template <int MR, int NB>
-void w8_panels(const int8_t* xp, int T, int Kp, int Nb, const int8_t* w, const int32_t* wcorr, const Groups* gr,
-               const float* xs, const float* ws, const float* bias, int N, float* y) {
-  for (int p = 0; p * kPb < Nb; ++p) {
+void w8_panels(const int8_t* xp, const Range& r, int Kp, int Nb, const int8_t* w, const int32_t* wcorr,
+               const Groups* gr, const float* xs, const float* ws, const float* bias, int N, float* y) {
+  for (int p = r.p0; p < r.p1; ++p) {
     const Panel pn = panel_of(p, Nb, static_cast<size_t>(Kp) * kNr);
     const int b0 = p * kPb;
-    if (T == 1 && pn.pb == kPb) {
-      w8_run<1, kPb>(xp, Kp, w, pn, 0, wcorr, 0, b0, gr, xs, ws, bias, N, y);
+    if (r.t1 - r.t0 == 1 && pn.pb == kPb) {
+      w8_run<1, kPb>(xp, Kp, w, pn, 0, wcorr, r.t0, b0, gr, xs, ws, bias, N, y);
       continue;
     }
     int jb = 0;
-    const bool next = (p + 1) * kPb < Nb && pn.pb == kPb && kPrefetchPanels;
+    const bool next = p + 1 < r.p1 && pn.pb == kPb && kPrefetchPanels;
     const Panel nx = panel_of(p + 1, Nb, static_cast<size_t>(Kp) * kNr);
     const size_t nx_bytes = next ? static_cast<size_t>(Kp / 4) * nx.gstride : 0;
     for (; jb + NB <= pn.pb; jb += NB) {
-      w8_cols<MR, NB>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, gr, xs, ws, bias, N, y,
+      w8_cols<MR, NB>(xp, Kp, w, pn, jb, wcorr, b0 + jb, r.t0, r.t1, gr, xs, ws, bias, N, y,
                       next && jb == 0 ? w + nx.base : nullptr, nx_bytes);
     }
-    for (; jb < pn.pb; ++jb) w8_cols<MR, 1>(xp, Kp, w, pn, jb, wcorr, b0 + jb, T, gr, xs, ws, bias, N, y);
+    for (; jb < pn.pb; ++jb) w8_cols<MR, 1>(xp, Kp, w, pn, jb, wcorr, b0 + jb, r.t0, r.t1, gr, xs, ws, bias, N, y);
   }
 }
 
-void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K, const void* w_packed,
-                const float* ws, const float* bias, int N, float* y) {
-  const int Kp = round_up(K, 8), Np = round_up(N, kNr), Nb = Np / kNr;
-  const int8_t* w = reinterpret_cast<const int8_t*>(payload(w_packed));
-  const int32_t* wcorr = reinterpret_cast<const int32_t*>(w + static_cast<size_t>(Np) * Kp);
-  int32_t* unused;
-  const int8_t* xp = prepare_x(x, T, K, Kp, 0x80, 0, &unused);
-  w8_panels<kW8Mr, kW8Nb>(xp, T, Kp, Nb, w, wcorr, nullptr, xs, ws, bias, N, y);
+// ---- op 3 / 3g: the tile functions -----------------------------------------------------
+size_t qlinear_work_size(int T, int K, int /*w_bits*/, int group_size) {
+  const int ng = group_size ? (K + group_size - 1) / group_size : 1;
+  return x_bytes(T, round_up(K, 8)) + sizeof(int32_t) * static_cast<size_t>(T) * ng;
 }
 
-void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* /*bits*/, int T, int K,
-                        const void* w_packed, int group_size, const float* ws_gn, const float* bias, int N,
-                        float* y) {
-  const int Kp = round_up(K, 8), Nb = round_up(N, kNr) / kNr;
-  Groups gr{group_size, (K + group_size - 1) / group_size, ws_gn, nullptr};
-  const int8_t* xp = prepare_x_groups(x, T, K, Kp, group_size, 128, &gr.corr);
-  w8_panels<kGW8Mr, kGW8Nb>(xp, T, Kp, Nb, reinterpret_cast<const int8_t*>(payload(w_packed)), nullptr, &gr, xs,
-                            nullptr, bias, N, y);
+// W4 weights are w + 8 on the unsigned side: the offset is 8 * sum x (per group for op 3g). W8
+// (op 3) offsets x by 128 instead and takes back the packed 128 * sum_k w; op 3g W8 offsets the
+// weights, so its correction is 128 * sum_{k in g} x.
+void qlinear_prepare(const QLinearArgs& a, int t0, int t1) {
+  const Work wk = work_of(a);
+  const int Kp = round_up(a.K, 8);
+  if (a.group_size) {
+    prepare_x_groups(a.x, t0, t1, a.K, Kp, a.group_size, a.w_bits == 4 ? 8 : 128, wk.xp, wk.corr);
+  } else if (a.w_bits == 4) {
+    prepare_x(a.x, t0, t1, a.K, Kp, 0, 8, wk.xp, wk.corr);
+  } else {
+    prepare_x(a.x, t0, t1, a.K, Kp, 0x80, 0, wk.xp, wk.corr);
+  }
+}
+
+// Channels [n0, n1) are whole panels of kPb * kNr rows (qlinear_nr), the last one maybe partial.
+void qlinear_tile(const QLinearArgs& a, int t0, int t1, int n0, int n1) {
+  const Work wk = work_of(a);
+  const int Kp = round_up(a.K, 8), Np = round_up(a.N, kNr), Nb = Np / kNr, P = kPb * kNr;
+  const Range r{t0, t1, n0 / P, (n1 + P - 1) / P};
+  const uint8_t* w = payload(a.w_packed);
+  if (a.group_size) {
+    const Groups gr{a.group_size, (a.K + a.group_size - 1) / a.group_size, a.ws_gn, wk.corr};
+    if (a.w_bits == 4) {
+      w4_panels<kGGemmMr, kGGemmNb>(wk.xp, nullptr, r, Kp, Nb, w, &gr, a.xs, nullptr, a.bias, a.N, a.y);
+    } else {
+      w8_panels<kGW8Mr, kGW8Nb>(wk.xp, r, Kp, Nb, reinterpret_cast<const int8_t*>(w), nullptr, &gr, a.xs, nullptr,
+                                a.bias, a.N, a.y);
+    }
+  } else if (a.w_bits == 4) {
+    w4_panels<kGemmMr, kGemmNb>(wk.xp, wk.corr, r, Kp, Nb, w, nullptr, a.xs, a.ws, a.bias, a.N, a.y);
+  } else {
+    const int8_t* w8 = reinterpret_cast<const int8_t*>(w);
+    const int32_t* wcorr = reinterpret_cast<const int32_t*>(w8 + static_cast<size_t>(Np) * Kp);
+    w8_panels<kW8Mr, kW8Nb>(wk.xp, r, Kp, Nb, w8, wcorr, nullptr, a.xs, a.ws, a.bias, a.N, a.y);
+  }
+}
+
+const QLinearTiles kTiles = {qlinear_work_size, qlinear_prepare, qlinear_tile};
+
+void qlinear_w4(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                const float* ws, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 4, 0, x, xs, bits, T, K, w_packed, ws, nullptr, bias, N, y);
+}
+void qlinear_w8(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                const float* ws, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 8, 0, x, xs, bits, T, K, w_packed, ws, nullptr, bias, N, y);
+}
+void qlinear_w4_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                        int group_size, const float* ws_gn, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 4, group_size, x, xs, bits, T, K, w_packed, nullptr, ws_gn, bias, N, y);
+}
+void qlinear_w8_grouped(const int8_t* x, const float* xs, const uint8_t* bits, int T, int K, const void* w_packed,
+                        int group_size, const float* ws_gn, const float* bias, int N, float* y) {
+  qlinear_whole(kTiles, 8, group_size, x, xs, bits, T, K, w_packed, nullptr, ws_gn, bias, N, y);
 }
 
 // ---- op 4 -------------------------------------------------------------------------------
@@ -1083,6 +1120,7 @@ const KernelTable* x86_avx512vnni_table() {
       w8_packed_size,     w8_pack,         qlinear_w8,     qlinear_w4_grouped,
       qlinear_w8_grouped, attn_qk,         attn_pv,        quantize_probs,  f32_packed_size,
       f32_pack,           gemm_f32,        f16_packed_size, f16_pack,        gemm_f16,
+      kPb * kNr,          qlinear_work_size, qlinear_prepare, qlinear_tile,  false,
   };
   return &kTable;
 }

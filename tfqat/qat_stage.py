@@ -28,6 +28,7 @@ from tfqat.pipeline import (
 )
 from tfqat.quant.qat import RecipeLike, calibrate, logprob_fn, model_size_bytes, qat_loss, quantize_model
 from tfqat.quant.recipes import Recipe, get_recipe
+from tfqat.quant.rotate import rotate_model
 from tfqat.training import seed_everything, train_loop
 
 
@@ -135,6 +136,8 @@ def _initial_student(cfg, data, teacher: keras.Model, recipe: Recipe, qat, progr
     if init.is_file() and info_path.is_file():
         return init, json.loads(info_path.read_text())
     stage.mkdir(parents=True, exist_ok=True)
+    if recipe.rotate:  # the float model in the student's basis: block-wise targets live there
+        teacher = rotate_model(teacher)
     student = quantize_model(teacher, recipe)
     # the calibration (GPTQ: minutes) is shared by every init of the recipe, block-wise or not
     cfp = fingerprint(config_to_dict(cfg.model), cfg.data.seq_len, data.key, recipe.to_dict(), qat.calib_batches,

@@ -112,6 +112,10 @@ def quantize_model(model: keras.Model, recipe: RecipeLike, name: str = "student"
     from tfqat.models import build_model
 
     recipe = get_recipe(recipe)
+    if recipe.rotate and not getattr(model, "rotated", False):
+        from tfqat.quant.rotate import rotate_model
+
+        model = rotate_model(model)
     student = build_model(model.config, name=name)
     student.set_weights(model.get_weights())
     for block in student.blocks:

@@ -88,6 +88,9 @@ class Recipe:
             before calibration (:mod:`tfqat.quant.smooth`); ``None`` = off.
         weight_init: ``"rtn"`` (least-squares clip per scale) or ``"gptq"`` (second-order
             rounding on calibration data, :mod:`tfqat.quant.gptq`) for the initial weights.
+        rotate: fold an orthogonal rotation of the residual stream and a per-head Hadamard of V
+            into the float weights first (:mod:`tfqat.quant.rotate`; LLaMA only; the head
+            becomes untied).
     """
 
     name: str
@@ -104,6 +107,7 @@ class Recipe:
     dynamic: tuple = ()
     smooth: Optional[float] = None
     weight_init: str = "rtn"
+    rotate: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dynamic", tuple(self.dynamic or ()))
@@ -129,6 +133,8 @@ class Recipe:
                               "act_asymmetric: false")
         if self.dynamic and self.a_bits is None:
             raise RecipeError(f"recipe {self.name!r}: dynamic points need quantized activations (a_bits)")
+        if not isinstance(self.rotate, bool):
+            raise RecipeError(f"recipe {self.name!r}: rotate={self.rotate!r} must be true or false")
         if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float))
                                         or not 0 < self.smooth <= 1):
             raise RecipeError(f"recipe {self.name!r}: smooth={self.smooth!r} must be a SmoothQuant alpha "
@@ -169,6 +175,8 @@ class Recipe:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["dynamic"] = list(self.dynamic)
+        if not self.rotate:  # unrotated stages keep their fingerprints
+            del d["rotate"]
         return d
 
     def describe(self) -> str:
@@ -180,7 +188,8 @@ class Recipe:
         wg = f"groups of {self.weight_group_size}" if self.weight_group_size else self.weight_granularity
         extra = "".join([f", dynamic per-token at {'/'.join(self.dynamic)}" if self.dynamic else "",
                          f", SmoothQuant alpha {self.smooth:g}" if self.smooth is not None else "",
-                         ", GPTQ init" if self.weight_init == "gptq" else ""])
+                         ", GPTQ init" if self.weight_init == "gptq" else "",
+                         ", rotated" if self.rotate else ""])
         return (f"weights {b(self.w_bits)} ({wg}), activations {acts}, "
                 f"KV cache {b(self.kv_bits)}{' adaptive' if self.adaptive else ''}, probs {b(self.probs_bits)}"
                 + extra)

@@ -62,6 +62,19 @@ def load_weights_checked(model: keras.Model, path: str | os.PathLike, fix: str |
         UserError: no such file; not a readable HDF5 file (truncated, overwritten); a file that
             does not fit this model (another config).
     """
+    path = Path(path)
+    fix = fix or "delete it and rerun the command that wrote it"
+    check_weights_file(path, fix)
+    try:
+        model.load_weights(str(path))
+    except Exception as e:  # noqa: BLE001 - keras raises ValueError/KeyError/OSError for a mismatch
+        raise UserError(f"{path}: cannot load into this model ({type(e).__name__}: {first_line(e)}); it was "
+                        f"written for another config, or it is damaged: {fix}") from None
+
+
+def check_weights_file(path: str | os.PathLike, fix: str | None = None) -> None:
+    """Raise a one-line :class:`UserError` naming ``path`` and ``fix`` unless it is a whole HDF5
+    file: for callers that hand the file to code whose own errors would be a traceback."""
     import h5py
 
     path = Path(path)
@@ -73,11 +86,6 @@ def load_weights_checked(model: keras.Model, path: str | os.PathLike, fix: str |
             f.visit(lambda _: None)
     except Exception as e:  # noqa: BLE001 - h5py raises OSError, KeyError, RuntimeError on damage
         raise UserError(f"{path}: damaged weights file, not readable as HDF5 ({first_line(e)}); {fix}") from None
-    try:
-        model.load_weights(str(path))
-    except Exception as e:  # noqa: BLE001 - keras raises ValueError/KeyError/OSError for a mismatch
-        raise UserError(f"{path}: cannot load into this model ({type(e).__name__}: {first_line(e)}); it was "
-                        f"written for another config, or it is damaged: {fix}") from None
 
 
 def read_json_checked(path: str | os.PathLike, fix: str | None = None):

@@ -6,10 +6,11 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, RunConfig, load_config
+from .config import CONFIG_DIR, ConfigError, RunConfig, load_config
 
 # Command-line runs only (not library imports): keep TensorFlow's C++ start-up chatter out of the way.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -20,7 +21,10 @@ class UserError(ValueError):
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--config", default="tiny", help="config name in configs/ or a YAML path (default: tiny)")
+    ap.add_argument("--config", help="config name in configs/ or a YAML path (default: tiny)")
+    ap.add_argument("--run", metavar="FOLDER",
+                    help="a run folder (runs/NAME): use the config it was trained with (its config.yaml); "
+                         "--set still changes keys")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set train.steps=100 (repeatable)")
     ap.add_argument("--name", help="run name (folder under runs/); default: the config's name")
@@ -30,18 +34,61 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                          "qat.train.strategy; multiworker reads TF_CONFIG)")
 
 
-def load_cli_config(args: argparse.Namespace) -> RunConfig:
+def parse_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as ``{dotted key: YAML value}``."""
     overrides = {}
-    for item in args.overrides:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.steps=100")
         overrides[key.strip()] = yaml.safe_load(value)
-    if args.name:
-        overrides["name"] = args.name
+    return overrides
+
+
+def run_config(run: str | os.PathLike, overrides: dict | None = None, config: str | None = None) -> RunConfig:
+    """The config a run folder was made with: its ``config.yaml`` (written by ``python -m tfqat.train``),
+    named and placed by the folder (a moved folder still works), ``overrides`` applied.
+
+    Folders made before ``config.yaml`` existed take ``config`` (a name or YAML path), else
+    ``configs/<folder name>.yaml`` when there is one.
+
+    Raises:
+        UserError: no such folder; ``config`` given for a folder that has its own; no config found.
+    """
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"{run}: no such run folder; train first with python -m tfqat.train")
+    overrides = {**(overrides or {}), "name": run.name, "runs_dir": str(run.parent)}
+    recorded = run / "config.yaml"
+    if recorded.is_file():
+        if config:
+            raise UserError(f"--config {config}: {run} has its own config ({recorded}); drop --config "
+                            "(use --set KEY=VALUE to change a key)")
+        return load_config(recorded, overrides)
+    if config:
+        return load_config(config, overrides)
+    guess = CONFIG_DIR / f"{run.name}.yaml"
+    if guess.is_file():
+        print(f"warning: {run} has no config.yaml (made before runs recorded their config); "
+              f"using {guess}", file=sys.stderr)
+        return load_config(guess, overrides)
+    raise UserError(f"{run} has no config.yaml (made before runs recorded their config) and there is no "
+                    f"{guess}; pass --config with the config it was trained with")
+
+
+def load_cli_config(args: argparse.Namespace) -> RunConfig:
+    """The run config from ``--run`` or ``--config``, ``--set``, ``--name`` and ``--strategy``."""
+    overrides = parse_overrides(args.overrides)
     if getattr(args, "strategy", None):
         overrides["train.strategy"] = overrides["qat.train.strategy"] = args.strategy
-    return load_config(args.config, overrides)
+    run = getattr(args, "run", None)
+    if run:
+        if args.name:
+            raise UserError(f"--name {args.name} with --run {run}: pick one (--run continues that folder)")
+        return run_config(run, overrides, args.config)
+    if args.name:
+        overrides["name"] = args.name
+    return load_config(args.config or "tiny", overrides)
 
 
 @contextlib.contextmanager

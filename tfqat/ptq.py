@@ -32,7 +32,7 @@ def build_parser():
     ap.add_argument("--prune", action="append", default=None, metavar="SCHEDULE",
                     help="pruning schedule: per-layer fractions '0.2,0.2,0.2,0' of the prunable tokens, or "
                          "'progressive:R' (repeatable; default: progressive:0.1, 0.25 and 0.5; 'none': no rows)")
-    ap.add_argument("--qat-run", help="run folder holding the QAT students (default runs/tiny)")
+    ap.add_argument("--qat-run", help="run folder holding the QAT students (default: this run's folder)")
     ap.add_argument("--qat-stage", action="append", default=None, metavar="FOLDER",
                     help="QAT student folder inside --qat-run to add as a row (repeatable; default: for "
                          "w4a8 and w4a4-8, qat-<recipe> if trained, else the ablation's qat-abl-full-<recipe>)")
@@ -55,12 +55,12 @@ DEFAULT_PRUNE = ("progressive:0.1", "progressive:0.25", "progressive:0.5")
 def cached_export(d: Path, source: dict) -> dict | None:
     """``d``'s ``source.json`` when ``d`` holds a complete export (manifest) made from ``source``
     (every key of ``source`` equal), else None."""
-    import json
+    from .checkpoints import read_json_checked
 
     marker = d / "source.json"
     if not ((d / "manifest.json").is_file() and marker.is_file()):
         return None
-    old = json.loads(marker.read_text())
+    old = read_json_checked(marker, f"delete {d} to export again")
     return old if all(old.get(k) == v for k, v in source.items()) else None
 
 
@@ -104,12 +104,11 @@ def exportable_rows(cfg, data, teacher, calib, out: Path, fpr: str, rows: list, 
     """The exportable Agile row (Keras) and, with ``export``, its TFLite export's row (LiteRT
     perplexity on the same windows, file size). Evaluations and the export are cached in ``out``;
     the student is built only when one of them is missing."""
-    import json
-
     import numpy as np
 
     from . import pipeline
     from .atomic import write_json_atomic
+    from .checkpoints import read_json_checked
     from .agile.build import agile_size_bytes, agile_student
     from .agile.exportable import export_agile
     from .evaluate import evaluate_model, keras_logprob_fn, perplexity
@@ -148,7 +147,7 @@ def exportable_rows(cfg, data, teacher, calib, out: Path, fpr: str, rows: list, 
     info["dir"] = str(d)
     size = (d / "model.tflite").stat().st_size
     info["model_bytes"] = size
-    sha = json.loads((d / "manifest.json").read_text())["files"]["model"]["sha256"]
+    sha = read_json_checked(d / "manifest.json", f"delete {d} to export again")["files"]["model"]["sha256"]
 
     def lite_ppl():
         from .runtime import LiteModel
@@ -220,7 +219,8 @@ def exportable_note(info) -> str:
 
 
 def table(rows):
-    lines = ["| method | recipe | prune | perplexity | x FP | BLiMP | size (MB) | tokens per layer | prefill FLOPs x |",
+    lines = ["| method | recipe | prune | perplexity | x FP | BLiMP | size (MB; estimate, TFLite rows: file) | "
+             "tokens per layer | prefill FLOPs x |",
              "|---|---|---|---:|---:|---:|---:|---|---:|"]
     fp = next((r["perplexity"] for r in rows if r["method"] == "FP" and not r.get("prune")), None)
 
@@ -243,6 +243,7 @@ def main(argv=None) -> int:
         import numpy as np
 
         from . import pipeline
+        from .checkpoints import load_weights_checked
         from .agile.build import agile_size_bytes, agile_student
         from .agile.pruning import parse_schedule, prefill_cost, prefill_tokens, pruned_perplexity, time_prefill
         from .agile.trip import fold_student
@@ -260,7 +261,8 @@ def main(argv=None) -> int:
             raise UserError(f"no FP teacher at {tpath}; train one (python -m tfqat.train --stage fp "
                             f"--name {cfg.name}) or pass --teacher")
         teacher = pipeline.build_fp_model(cfg)
-        teacher.load_weights(str(tpath))
+        load_weights_checked(teacher, tpath, None if not args.teacher else
+                             f"pass --teacher FP weights of a {cfg.model.arch} model of this config (--config or --run)")
         fpr = pipeline.fingerprint(str(tpath), tpath.stat().st_mtime_ns, cfg.qat.calib_batches)
 
         def ev(key, fn, with_blimp=True):
@@ -329,7 +331,7 @@ def main(argv=None) -> int:
                 print(f"{label} {spec}: {e['perplexity']:.3f}", flush=True)
         extra["prefill"] = speed
 
-        qat_dir = Path(args.qat_run) if args.qat_run else Path(cfg.run_dir).parent / "tiny"
+        qat_dir = Path(args.qat_run) if args.qat_run else Path(cfg.run_dir)
         stages, missing = qat_stages(qat_dir, args.qat_stage)
         for d in stages:
             st = load_student(cfg, d)

@@ -8,7 +8,6 @@ itself (``quantize_model``, ``calibrate``, ``qat_loss``) is :mod:`tfqat.quant`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,14 +17,16 @@ import keras
 
 from tfqat.atomic import write_json_atomic
 from tfqat.blockwise import reconstruct
-from tfqat.checkpoints import save_weights_atomic
+from tfqat.checkpoints import load_weights_checked, read_json_checked, save_weights_atomic
 from tfqat.config import RunConfig, config_to_dict
 from tfqat.data import train_dataset
 from tfqat.evaluate import evaluate_model
 from tfqat.models import build_model
 from tfqat.pipeline import (
-    _claim_stage_dir, cached_eval, eval_fingerprint, fingerprint, is_chief, result_row, teacher_path,
+    _claim_stage_dir, _finished_steps, cached_eval, eval_fingerprint, fingerprint, is_chief, result_row, stage_done,
+    teacher_inputs, teacher_path,
 )
+from tfqat.progress import bar_desc
 from tfqat.quant.qat import RecipeLike, calibrate, logprob_fn, model_size_bytes, qat_loss, quantize_model
 from tfqat.quant.recipes import Recipe, get_recipe
 from tfqat.quant.rotate import rotate_model
@@ -65,20 +66,20 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
     qat = qat or cfg.qat
     recipe = resolve_recipe(cfg.model_copy(update={"qat": qat}), recipe)
     stage = stage_dir(cfg, recipe, tag)
-    fp = fingerprint(config_to_dict(cfg.model), config_to_dict(cfg.train), cfg.data.seq_len, data.key,
-                     config_to_dict(qat), recipe.to_dict())
-    _claim_stage_dir(stage, fp, "QAT student")
+    fp = fingerprint(**teacher_inputs(cfg, data), qat=config_to_dict(qat), recipe=recipe.to_dict())
+    _claim_stage_dir(stage, fp, "QAT student", grow="qat.train.steps")
     result_path, weights = stage / "result.json", stage / "student.weights.h5"
     seed_everything(qat.train.seed)
-    if weights.is_file() and result_path.is_file():
+    if (done := stage_done(stage, weights.name, qat.train.steps)) is not None:
         student = quantize_model(teacher, recipe)
-        student.load_weights(str(weights))
-        return student, {**json.loads(result_path.read_text()), "reused": True}
+        load_weights_checked(student, weights, f"delete {stage} to redo this stage")
+        return student, {**done, "reused": True}
+    _finished_steps(stage, f"QAT {recipe.name}", "qat.train.steps", qat.train.steps)
     init_path, init_info = _initial_student(cfg, data, teacher, recipe, qat, progress)
     t = qat.train
     if t.steps == 0:  # post-training only: the calibrated (and block-wise reconstructed) student
         student = quantize_model(teacher, recipe)
-        student.load_weights(str(init_path))
+        load_weights_checked(student, init_path, f"delete {init_path.parent} to redo the calibration")
         save_weights_atomic(student, weights)
         write_json_atomic(stage / "recipe.json", recipe.to_dict())
         result = {"recipe": recipe.name, "steps": 0, "final_loss": None, "tokens_per_s": 0.0,
@@ -89,19 +90,19 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
     teachers = [teacher]
     for path in qat.losses.extra_teachers:
         extra = build_model(cfg.model, name=f"teacher_{len(teachers)}")
-        extra.load_weights(path)
+        load_weights_checked(extra, path, "fix qat.losses.extra_teachers (FP weights of this config's model)")
         teachers.append(extra)
 
     def build():  # under the strategy's scope (train_loop calls it there); teachers stay outside, frozen
         seed_everything(qat.train.seed)
         student = quantize_model(teacher, recipe)
-        student.load_weights(str(init_path))
+        load_weights_checked(student, init_path, f"delete {init_path.parent} to redo the calibration")
         return student, qat_loss(student, teachers, qat.losses)
 
     res = train_loop(
         stage, build, None,
         lambda start: train_dataset(data.ids["train"], cfg.data.seq_len, t.batch_size, t.seed, start, t.steps),
-        t, t.steps, t.batch_size * cfg.data.seq_len, desc=f"QAT {recipe.name}", progress=progress,
+        t, t.steps, t.batch_size * cfg.data.seq_len, desc=bar_desc(f"QAT {recipe.name}"), progress=progress,
     )
     student = res.model
     if not is_chief(cfg.model_copy(update={"qat": qat})):
@@ -109,7 +110,8 @@ def qat_stage(cfg, data, teacher: keras.Model, recipe: Optional[RecipeLike] = No
     save_weights_atomic(student, weights)
     write_json_atomic(stage / "recipe.json", recipe.to_dict())
     result = {"recipe": recipe.name, "steps": res.steps, "final_loss": res.final_loss,
-              "tokens_per_s": res.tokens_per_s, "wall_s": res.wall_s + init_info["wall_s"], **init_info,
+              "tokens_per_s": res.tokens_per_s, **init_info, "qat_s": res.wall_s,
+              "wall_s": res.wall_s + init_info["wall_s"],  # after init_info: the stage's whole time
               "resumed_from": res.resumed_from, "tokens_seen": res.steps * t.batch_size * cfg.data.seq_len,
               "teacher": str(teacher_path(cfg))}
     write_json_atomic(result_path, result)
@@ -134,7 +136,7 @@ def _initial_student(cfg, data, teacher: keras.Model, recipe: Recipe, qat, progr
     _claim_stage_dir(stage, fp, "calibrated student")
     init, info_path = stage / "init.weights.h5", stage / "init.json"
     if init.is_file() and info_path.is_file():
-        return init, json.loads(info_path.read_text())
+        return init, read_json_checked(info_path, f"delete {stage} to redo the calibration")
     stage.mkdir(parents=True, exist_ok=True)
     if recipe.rotate:  # the float model in the student's basis: block-wise targets live there
         teacher = rotate_model(teacher)
@@ -146,8 +148,8 @@ def _initial_student(cfg, data, teacher: keras.Model, recipe: Recipe, qat, progr
     _claim_stage_dir(calib_dir, cfp, "calibration")
     calibrated, calib_info = calib_dir / "calibrated.weights.h5", calib_dir / "calibrated.json"
     if calibrated.is_file() and calib_info.is_file():
-        student.load_weights(str(calibrated))
-        calib_s = json.loads(calib_info.read_text())["calib_s"]
+        load_weights_checked(student, calibrated, f"delete {calib_dir} to redo the calibration")
+        calib_s = read_json_checked(calib_info, f"delete {calib_dir} to redo the calibration")["calib_s"]
     else:
         t0 = time.perf_counter()
         calibrate(student, calibration_batches(cfg, data, qat.calib_batches), act_init=qat.act_calibration,
@@ -160,7 +162,7 @@ def _initial_student(cfg, data, teacher: keras.Model, recipe: Recipe, qat, progr
     if bw.steps_per_block:
         bw_weights = stage / "blockwise.weights.h5"
         if bw_weights.is_file():
-            student.load_weights(str(bw_weights))
+            load_weights_checked(student, bw_weights, f"delete {stage} to redo the block-wise reconstruction")
         tokens = next(iter(train_dataset(data.ids["train"], cfg.data.seq_len, bw.sequences,
                                          cfg.qat.train.seed + 104729, 0, 1)))[0].numpy()
         state = reconstruct(student, teacher, tokens, stage / "blockwise", bw.steps_per_block, bw.batch_size,
@@ -183,7 +185,7 @@ def rtn_student(cfg, data, teacher: keras.Model, recipe: RecipeLike) -> keras.Mo
         qat = cfg.qat.model_copy(update={"blockwise": cfg.qat.blockwise.model_copy(update={"steps_per_block": 0})})
         path, _ = _initial_student(cfg, data, teacher, recipe, qat, progress=False)
         student = quantize_model(teacher, recipe, name="rtn")
-        student.load_weights(str(path))
+        load_weights_checked(student, path, f"delete {path.parent} to redo the calibration")
         return student
     student = quantize_model(teacher, recipe, name="rtn")
     calibrate(student, calibration_batches(cfg, data), act_init=cfg.qat.act_calibration)
@@ -205,9 +207,9 @@ def load_student(cfg, path: Union[str, Path]) -> keras.Model:
     if not rfile.is_file() or not wfile.is_file():
         raise FileNotFoundError(f"{path}: no trained student (recipe.json + student.weights.h5); "
                                 "run python -m tfqat.train first")
-    recipe = get_recipe(json.loads(rfile.read_text()))
+    recipe = get_recipe(read_json_checked(rfile, f"delete {path} and rerun python -m tfqat.train"))
     student = quantize_model(build_model(cfg.model, name="teacher"), recipe)
-    student.load_weights(str(wfile))
+    load_weights_checked(student, wfile, f"delete {path} and rerun python -m tfqat.train")
     return student
 
 
@@ -241,7 +243,8 @@ def ptq_stage(cfg: RunConfig, data, teacher, progress: bool = True) -> list[dict
 def qat_eval_row(cfg: RunConfig, data, student, stage_result: dict, method: str, stage_dir: Path,
                  progress: bool = True) -> dict:
     """Evaluate a QAT student (cached in its stage folder) and return its report row."""
-    fp = eval_fingerprint(cfg, data, "qat", json.loads((stage_dir / "fingerprint.json").read_text()))
+    fp = eval_fingerprint(cfg, data, "qat", read_json_checked(stage_dir / "fingerprint.json",
+                                                              f"delete {stage_dir} to redo this stage"))
     ev = cached_eval(stage_dir / "eval.json", fp, lambda: evaluate_model(logprob_fn(student), data, cfg, progress))
     return result_row(method, student.recipe.name, ev, model_size_bytes(cfg.model, student.recipe)["total"],
                       steps=stage_result["steps"], tokens_seen=stage_result["tokens_seen"])

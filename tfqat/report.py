@@ -29,10 +29,11 @@ def blimp_interval(acc: float, n: int) -> list:
 
 def results_table(rows: list[dict]) -> str:
     """Markdown table: method, held-out perplexity (and ratio to FP), BLiMP overall with its 95%
-    interval (chance is 50%), size."""
+    interval (chance is 50%), and two sizes: the row's exported file (``file_mb``) when it has
+    one, and the parameter-count estimate (``size_mb``), labelled as such."""
     fp = next((r["perplexity"] for r in rows if r.get("method") == "FP"), None)
-    lines = ["| method | recipe | perplexity | x FP | BLiMP overall (95% CI) | size (MB) |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| method | recipe | perplexity | x FP | BLiMP overall (95% CI) | file (MB) | estimate (MB) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         ratio = r["perplexity"] / fp if fp and r.get("perplexity") else None
         blimp = "—"
@@ -42,9 +43,13 @@ def results_table(rows: list[dict]) -> str:
                 lo, hi = blimp_interval(r["blimp"], r["blimp_pairs"])
                 blimp += f" ({100 * lo:.1f}-{100 * hi:.1f})"
         lines.append(f"| {r['method']} | {r.get('recipe', 'fp32')} | {_fmt(r.get('perplexity'), '.3f')} | "
-                     f"{_fmt(ratio, '.3f')} | {blimp} | {_fmt(r.get('size_mb'), '.2f')} |")
+                     f"{_fmt(ratio, '.3f')} | {blimp} | {_fmt(r.get('file_mb'), '.2f')} | "
+                     f"{_fmt(r.get('size_mb'), '.2f')} |")
     lines.append("")
-    lines.append("BLiMP chance level: 50.0% (two sentences per pair).")
+    lines.append("BLiMP chance level: 50.0% (two sentences per pair). File: the size of the row's exported "
+                 "`.tflite` (FP: `model_float.tflite`, QAT: `model.tflite`; — when the row is not exported). "
+                 "Estimate: parameters at the row's weight bit width plus float32 scales, embeddings and norms "
+                 "float32, KV cache not counted.")
     return "\n".join(lines)
 
 
@@ -56,12 +61,17 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_losses(curves: dict[str, list[dict]], path: Path) -> None:
+    """Training loss per stage; when any stage logged ``val_loss`` (held-out batches at the log
+    interval), validation loss on its own axes beside it (its scale differs: no dropout, fixed
+    batches)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    has_val = any("val_loss" in r for rows in curves.values() for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(11 if has_val else 6.4, 4), squeeze=False)
+    ax = axes[0][0]
     for label, rows in curves.items():
         if rows:
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label)
@@ -73,6 +83,17 @@ def plot_losses(curves: dict[str, list[dict]], path: Path) -> None:
     ax.grid(alpha=0.3)
     if any(curves.values()):
         ax.legend(fontsize=7)
+    if has_val:
+        vax = axes[0][1]
+        for label, rows in curves.items():
+            pts = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+            if pts:
+                vax.plot(*zip(*pts), marker=".", label=label)
+        vax.set_xlabel("step")
+        vax.set_ylabel("validation loss")
+        vax.set_title("Validation loss (held-out batches)")
+        vax.grid(alpha=0.3)
+        vax.legend(fontsize=7)
     _save_fig(fig, path)
 
 

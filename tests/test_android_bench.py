@@ -848,7 +848,7 @@ def test_litert_python_runner_flags_and_output(exported):  # noqa: F811
     assert r.returncode == 1 and "unresolved custom op: TFQAT_" in r.stderr  # no delegate: LiteRT cannot run it
     r = subprocess.run(runner + ["--signature_to_run_for=generate"], capture_output=True, text=True, cwd=REPO,
                        timeout=120)
-    assert r.returncode == 1 and "'generate' is not in the model (it has decode, prefill)" in r.stderr
+    assert r.returncode == 1 and "'generate' is not in the model (it has decode, prefill, prefill_last)" in r.stderr
     r = subprocess.run(runner + ["--num-runs=3"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 1 and "unknown flags --num-runs=3" in r.stderr
 
